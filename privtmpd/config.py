@@ -1,0 +1,271 @@
+"""Parse and validate /etc/privtmpd/privtmpd.conf.
+
+The syntax is the original private-tmpdir plugin's: whitespace-separated
+``key=value`` words, one or several per line, ``#`` starts a comment.  A
+plugstack.conf line pasted as is (``required private-tmpdir.so base=...
+mount=...``) is accepted too: its first two words are skipped.
+
+    base=/tmp/slurm
+    mount=/var/tmp mount=/tmp
+
+parse() checks the syntax and the values (pure); check_filesystem() checks
+what only the running system can tell (symlinks, ownership) and is called
+by the daemon at start-up and by ``privtmpctl doctor``.
+"""
+
+import os
+import posixpath
+import stat
+from dataclasses import dataclass, field
+
+from . import names
+
+DEFAULT_PATH = "/etc/privtmpd/privtmpd.conf"
+
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    base: str = "/tmp/slurm"
+    mounts: tuple = ("/tmp", "/var/tmp")
+    rundir: str = "/run/privtmpd"
+    socket: str = ""            # default: <rundir>/privtmpd.sock
+    mode: int = 0o700           # of the job's private directories
+    shm: str = ""               # "" = keep the host /dev/shm; else tmpfs size= (e.g. 512m, 10%)
+    tmpdir: str = ""            # what TMPDIR points to in tasks; "" = /tmp if mounted; "none"
+    remove_workers: int = 2     # parallel background removals
+    kill_timeout: float = 5.0   # seconds to wait for leftover job processes to die
+    metrics_dir: str = ""       # node-exporter textfile collector directory; "" = off
+    source: str = "<defaults>"
+    lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
+
+    @property
+    def socket_path(self):
+        return self.socket or f"{self.rundir}/privtmpd.sock"
+
+    @property
+    def base_parent(self):
+        return posixpath.dirname(self.base)
+
+    @property
+    def base_name(self):
+        return posixpath.basename(self.base)
+
+    @property
+    def tmpdir_value(self):
+        if self.tmpdir:
+            return self.tmpdir
+        if "/tmp" in self.mounts:
+            return "/tmp"
+        return "none"
+
+    def mount_plan(self):
+        """[(mount point, subdirectory name)] in a stable order."""
+        return [(m, names.mount_dirname(m)) for m in sorted(self.mounts)]
+
+
+def _abs_path(value, key, where):
+    if not value.startswith("/"):
+        raise ConfigError(f"{where}: {key}={value!r} must be an absolute path")
+    if "\0" in value or "\n" in value:
+        raise ConfigError(f"{where}: {key}= contains a NUL or newline")
+    parts = value.split("/")[1:]
+    if value != "/" and (any(p in ("", ".", "..") for p in parts)):
+        raise ConfigError(f"{where}: {key}={value!r} must be a normalised path "
+                          f"(no '.', '..', '//' or trailing '/'); did you mean {posixpath.normpath(value)!r}?")
+    if value == "/":
+        raise ConfigError(f"{where}: {key}=/ is not allowed")
+    return value
+
+
+def _parse_size(value, where):
+    v = value.strip().lower()
+    if v.endswith("%"):
+        num = v[:-1]
+        if num.isdigit() and num.isascii() and 0 < int(num) <= 100:
+            return value
+        raise ConfigError(f"{where}: shm={value!r}: a percentage must be 1%..100%")
+    unit = v[-1:] if v[-1:] in "kmgt" else ""
+    num = v[:-1] if unit else v
+    if not (num.isascii() and num.isdigit()) or int(num) == 0:
+        raise ConfigError(f"{where}: shm={value!r} is not a size (examples: 512m, 2g, 10%; or shm=no)")
+    return value
+
+
+def parse(text, source="<string>"):
+    values = {}
+    mounts = []
+    where_of = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = line.split()
+        where = f"{source}:{lineno}"
+        # A pasted plugstack.conf line: "required|optional /path/x.so k=v ..."
+        if words[0] in ("required", "optional") and len(words) >= 2 and words[1].endswith(".so"):
+            words = words[2:]
+        for word in words:
+            key, sep, value = word.partition("=")
+            if not sep:
+                raise ConfigError(f"{where}: {word!r} is not key=value (keys: {', '.join(sorted(_KEYS))})")
+            if key not in _KEYS:
+                raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_KEYS))})")
+            if key == "mount":
+                m = _abs_path(value, key, where)
+                if m in mounts:
+                    raise ConfigError(f"{where}: mount={m} is given twice")
+                mounts.append(m)
+                where_of[f"mount={m}"] = where
+                continue
+            if key in values:
+                raise ConfigError(f"{where}: {key}= is set twice (first at {where_of[key]})")
+            values[key] = value
+            where_of[key] = where
+
+    def at(key):
+        return where_of.get(key, source)
+
+    kw = {"source": source, "lines": where_of}
+    if "base" in values:
+        kw["base"] = _abs_path(values["base"], "base", at("base"))
+    if mounts:
+        kw["mounts"] = tuple(mounts)
+    for key in ("rundir", "socket", "metrics_dir"):
+        if key in values:
+            kw[key] = _abs_path(values[key], key, at(key))
+    if "mode" in values:
+        v = values["mode"]
+        try:
+            mode = int(v, 8)
+        except ValueError:
+            raise ConfigError(f"{at('mode')}: mode={v!r} is not an octal mode such as 0700") from None
+        if mode & ~0o1777 or not mode & 0o700 == 0o700:
+            raise ConfigError(f"{at('mode')}: mode={v}: must be at most 1777 and give the owner rwx (e.g. 0700, 0750)")
+        kw["mode"] = mode
+    if "shm" in values:
+        v = values["shm"]
+        kw["shm"] = "" if v.lower() in ("no", "none", "off", "") else _parse_size(v, at("shm"))
+    if "tmpdir" in values:
+        v = values["tmpdir"]
+        kw["tmpdir"] = v if v == "none" else _abs_path(v, "tmpdir", at("tmpdir"))
+    for key, conv, lo, hi in (("remove_workers", int, 1, 64), ("kill_timeout", float, 0.0, 300.0)):
+        if key in values:
+            try:
+                num = conv(values[key])
+            except ValueError:
+                raise ConfigError(f"{at(key)}: {key}={values[key]!r} is not a number") from None
+            if not lo <= num <= hi:
+                raise ConfigError(f"{at(key)}: {key}={values[key]} must be between {lo} and {hi}")
+            kw[key] = num
+    cfg = Config(**kw)
+    _check_consistency(cfg, at)
+    return cfg
+
+
+_KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
+         "metrics_dir"}
+
+
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _check_consistency(cfg, at):
+    by_name = {}
+    for m in cfg.mounts:
+        where = cfg.lines.get(f"mount={m}", cfg.source)
+        name = names.mount_dirname(m)
+        if name in by_name:
+            raise ConfigError(f"{where}: mount={m} and mount={by_name[name]} would share the "
+                              f"directory {name!r} in each job directory; keep only one")
+        by_name[name] = m
+        if m == "/dev/shm" and cfg.shm:
+            raise ConfigError(f"{where}: mount=/dev/shm and shm= both privatise /dev/shm; use one")
+        for other in cfg.mounts:
+            if other != m and _under(m, other):
+                raise ConfigError(f"{where}: mount={m} lies under mount={other}; nested private "
+                                  f"mounts are not supported")
+        # A job directory is $base.<job>.<n>: a mount point inside one would
+        # be covered by a user-owned directory.
+        if m.startswith(cfg.base + "."):
+            raise ConfigError(f"{where}: mount={m} lies inside the job directories {cfg.base}.*")
+        if _under(cfg.rundir, m):
+            raise ConfigError(f"{at('rundir')}: rundir={cfg.rundir} lies under mount={m}: the "
+                              f"entry helper could not find pins from inside a job")
+    if cfg.base_parent == "/":
+        raise ConfigError(f"{at('base')}: base={cfg.base}: job directories would be created in /; "
+                          f"use a directory such as /tmp/slurm or /var/lib/privtmpd/job")
+    if _under(cfg.base, cfg.rundir):
+        raise ConfigError(f"{at('base')}: base={cfg.base} must not lie under rundir={cfg.rundir}")
+    if cfg.tmpdir not in ("", "none") and not any(_under(cfg.tmpdir, m) for m in cfg.mounts):
+        raise ConfigError(f"{at('tmpdir')}: tmpdir={cfg.tmpdir} is not under any private mount "
+                          f"({', '.join(cfg.mounts)}): TMPDIR would point at a shared directory")
+
+
+def load(path=DEFAULT_PATH):
+    """Read and parse; a missing default file means all defaults."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if path == DEFAULT_PATH:
+            return Config()
+        raise ConfigError(f"{path}: no such file (give --config an existing file)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse(text, path)
+
+
+def _check_no_symlinks(path, what):
+    """Every component must be a real directory (lstat): the daemon never
+    resolves a symlink anywhere in a path it acts on."""
+    cur = ""
+    for part in path.strip("/").split("/"):
+        cur += "/" + part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return cur
+        if stat.S_ISLNK(st.st_mode):
+            raise ConfigError(f"{what}: {cur} is a symbolic link to {os.readlink(cur)!r}; "
+                              f"configure the real path instead")
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{what}: {cur} is not a directory")
+    return None
+
+
+def check_filesystem(cfg):
+    """Start-up checks against the running system; returns warnings."""
+    warnings = []
+    for m in cfg.mounts:
+        missing = _check_no_symlinks(m, f"mount={m}")
+        if missing:
+            raise ConfigError(f"mount={m}: {missing} does not exist; create it or remove this mount=")
+    where = cfg.lines.get("base", cfg.source)
+    missing = _check_no_symlinks(cfg.base_parent, f"{where}: base={cfg.base}")
+    if missing:
+        raise ConfigError(f"{where}: base={cfg.base}: {missing} does not exist; create it (root-owned, 0755)")
+    # Each ancestor of the job directories must be root's: a user who can
+    # rename an ancestor can redirect where the job's /tmp lands.  A
+    # world-writable parent is acceptable only with the sticky bit (/tmp),
+    # because then nobody but root can rename or remove our root-owned
+    # job directories in it.
+    cur = ""
+    for part in [""] + cfg.base_parent.strip("/").split("/"):
+        cur = (cur + "/" + part) if part else "/"
+        st = os.lstat(cur)
+        if st.st_uid != 0:
+            raise ConfigError(f"{where}: base={cfg.base}: {cur} is owned by uid {st.st_uid}; every "
+                              f"directory above the job directories must belong to root")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise ConfigError(f"{where}: base={cfg.base}: {cur} is writable by group or others "
+                              f"without the sticky bit; run chmod go-w {cur}")
+    return warnings

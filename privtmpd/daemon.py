@@ -1,0 +1,596 @@
+"""privtmpd: the per-node root daemon.
+
+One process, one thread, one request at a time.  Namespace work forks
+children (fork is only safe from a single-threaded process, and setns and
+unshare(CLONE_NEWNS) refuse multi-threaded callers), so the daemon never
+starts a thread.  Requests are read by a selector loop with a deadline per
+connection, so a slow or silent client cannot hold the others up; each
+complete request is then handled to the end before the next one, which
+serialises all work on a job (duplicate Prologs give one namespace, an
+Epilog never races its Prolog).
+
+Long work runs in forked workers: removal of a job's directories (the
+Epilog only renames them away).  Nothing lives only in memory: the run
+directory (pins + state files) and the base directory are the state, and
+startup() reconciles them after a restart, a crash or a reboot.
+"""
+
+import argparse
+import errno
+import json
+import logging
+import logging.handlers
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+
+from . import __version__, config, names, namespace, protocol, safefs
+from .metrics import Metrics
+
+log = logging.getLogger("privtmpd")
+
+READ_DEADLINE = 5.0          # seconds a client has to send its request
+MAX_CLIENTS = 256            # open connections at once; more are refused
+
+
+def _peer_uid(conn):
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def sd_notify(message):
+    """systemd's notify protocol (Type=notify), without libsystemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(message.encode(), path)
+    except OSError as e:
+        log.warning("sd_notify(%s) failed: %s", message, e)
+
+
+class _Conn:
+    __slots__ = ("sock", "buf", "deadline")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.deadline = time.monotonic() + READ_DEADLINE
+
+
+class Daemon:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.sel = None            # made in serve_forever (after detaching)
+        self.listener = None
+        self.conns = {}
+        self.removals = []         # queued (parent, name)
+        self.workers = {}          # pid -> (parent, name, stats read fd, started)
+        self.stopping = False
+        self.started = time.time()
+        self.metrics = Metrics(cfg)
+        self._sig_r = None
+
+    # --- start-up ------------------------------------------------------
+
+    def startup(self):
+        """Everything that can fail for a configuration or system reason,
+        done before the daemon detaches or reports ready."""
+        config.check_filesystem(self.cfg)
+        namespace.setup_rundir(self.cfg)
+        self.reconcile()
+        self.listener = self._bind()
+
+    def _bind(self):
+        path = self.cfg.socket_path
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(path)
+            raise RuntimeError(f"another privtmpd is already listening on {path}")
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        finally:
+            probe.close()
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise RuntimeError(f"{path} exists and is not a socket; remove it")
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)      # socket 0600 root: the first of two checks
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(128)
+        s.setblocking(False)
+        return s
+
+    def reconcile(self):
+        """Make the run directory and the base directory agree.
+
+        A job survives only if its state is "ready" and its pin still holds
+        the very namespace recorded at creation.  Anything else - a
+        half-created job, a pin without state, state without pin - is torn
+        down.  Job directories with no live job (all of them after a reboot,
+        when /run is empty) and interrupted removals are queued for removal
+        before the first request is served."""
+        cfg = self.cfg
+        live = {}
+        for job, st in namespace.all_states(cfg).items():
+            ident = namespace.pin_identity(cfg, job)
+            if st and st.get("state") == namespace.STATE_READY and ident and list(ident) == st.get("ns"):
+                live[job] = st
+                continue
+            log.warning("job=%s op=recover result=rollback state=%s pin=%s", job,
+                        (st or {}).get("state", "unreadable"), "live" if ident else "none")
+            namespace.destroy(cfg, job, on_trash=self.queue_removal)
+        for pin in namespace.list_pins(cfg):
+            if pin not in live:
+                log.warning("job=%s op=recover result=unpin-orphan", pin)
+                namespace.unpin(cfg, pin)
+        self._sweep_base(live)
+        self.metrics.set_active(len(live))
+        log.info("op=recover result=ok live_jobs=%d queued_removals=%d", len(live), len(self.removals))
+        return live
+
+    def _sweep_base(self, live):
+        cfg = self.cfg
+        match = names.NameMatcher(cfg.base_name)
+        pfd = safefs.open_dir(cfg.base_parent)
+        try:
+            with os.scandir(pfd) as it:
+                entries = [e.name for e in it if e.name.startswith((cfg.base_name + ".", "." + cfg.base_name + "."))]
+            for name in entries:
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                # Users cannot create root-owned directories: only those are ours.
+                if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+                    continue
+                jr = match.job_dir(name)
+                if jr:
+                    job, restart = jr
+                    if job in live and live[job].get("restart") == restart:
+                        continue
+                    tname = namespace.trash_if_ours(pfd, cfg, name, job, restart)
+                    if tname:
+                        log.info("job=%s op=sweep dir=%s result=orphan-queued", job, name)
+                        self.metrics.inc("privtmpd_orphans_swept_total")
+                        self.queue_removal(cfg.base_parent, tname)
+                elif match.trash(name) or match.temporary(name):
+                    self.queue_removal(cfg.base_parent, name)
+        finally:
+            os.close(pfd)
+
+    # --- removal workers ----------------------------------------------
+
+    def queue_removal(self, parent, name):
+        if (parent, name) not in self.removals and all(
+                (p, n) != (parent, name) for p, n, _, _ in self.workers.values()):
+            self.removals.append((parent, name))
+
+    def _start_removals(self):
+        while self.removals and len(self.workers) < self.cfg.remove_workers and not self.stopping:
+            parent, name = self.removals.pop(0)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    self._worker_init()
+                    os.close(r)
+                    pfd = safefs.open_dir(parent)
+                    stats = safefs.remove_tree(pfd, name)
+                    os.write(w, json.dumps(stats.__dict__).encode()[:60000])
+                    code = 0
+                except BaseException as e:
+                    try:
+                        os.write(w, json.dumps({"error": str(e)}).encode()[:60000])
+                    except OSError:
+                        pass
+                finally:
+                    os._exit(code)
+            os.close(w)
+            self.workers[pid] = (parent, name, r, time.monotonic())
+
+    def _worker_init(self):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        self.listener.close()
+        for c in self.conns.values():
+            c.sock.close()
+        # Lowest I/O and CPU priority: a big removal must not slow the jobs
+        # that run meanwhile.
+        try:
+            os.nice(10)
+        except OSError:
+            pass
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid not in self.workers:
+                continue
+            parent, name, r, t0 = self.workers.pop(pid)
+            try:
+                raw = os.read(r, 65536)
+            finally:
+                os.close(r)
+            try:
+                info = json.loads(raw) if raw else {"error": f"worker died (status {status})"}
+            except ValueError:
+                info = {"error": "worker sent a bad report"}
+            ms = (time.monotonic() - t0) * 1000
+            if "error" in info:
+                log.error("op=remove dir=%s/%s result=error ms=%.0f error=%s", parent, name, ms, info["error"])
+                self.metrics.inc("privtmpd_removals_total", result="error")
+            elif info.get("failures") or info.get("mounts_skipped"):
+                log.error("op=remove dir=%s/%s result=incomplete ms=%.0f files=%d left=%d errors=%s",
+                          parent, name, ms, info["files"], info["failures"], "; ".join(info["errors"][:5]))
+                self.metrics.inc("privtmpd_removals_total", result="incomplete")
+            else:
+                log.info("op=remove dir=%s/%s result=ok ms=%.0f files=%d bytes=%d",
+                         parent, name, ms, info["files"], info["bytes"])
+                self.metrics.inc("privtmpd_removals_total", result="ok")
+            if "files" in info:
+                self.metrics.inc("privtmpd_removed_files_total", info["files"])
+                self.metrics.inc("privtmpd_removed_bytes_total", info["bytes"])
+                self.metrics.observe("privtmpd_remove_seconds", ms / 1000)
+
+    # --- requests --------------------------------------------------------
+
+    def handle(self, op, f):
+        """Dispatch one validated request; returns the reply bytes."""
+        cfg = self.cfg
+        if op == "create":
+            job, restart = f["job"], f["restart"]
+            st = namespace.read_state(cfg, job)
+            ident = namespace.pin_identity(cfg, job)
+            if (st and st.get("state") == namespace.STATE_READY and st.get("restart") == restart
+                    and ident and list(ident) == st.get("ns")):
+                return protocol.ok(job=job, dir=st["dir"], existing=True)
+            if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)):
+                # A previous run of this job (requeue without Epilog here,
+                # or a half-made attempt): start from nothing.
+                namespace.destroy(cfg, job, on_trash=self.queue_removal)
+            try:
+                st = namespace.create(cfg, job, restart, f["uid"], f["gid"], f.get("user", ""),
+                                      on_trash=self.queue_removal)
+            except BaseException:
+                # No partial state: roll back pin, state and directories.
+                try:
+                    namespace.destroy(cfg, job, restart_hint=restart, on_trash=self.queue_removal)
+                except Exception as e2:   # noqa: BLE001 - report the first error, log this one
+                    log.error("job=%s op=create-rollback result=error error=%s", job, e2)
+                raise
+            if st.get("displaced"):
+                log.warning("job=%s op=create found at the job path: %s", job, st["displaced"])
+            self.metrics.set_active(len(namespace.list_pins(cfg)))
+            return protocol.ok(job=job, dir=st["dir"], existing=False)
+        if op == "destroy":
+            info = namespace.destroy(cfg, f["job"], restart_hint=f.get("restart"), on_trash=self.queue_removal)
+            if info["killed"]:
+                log.warning("job=%s op=destroy killed %d leftover process(es): %s",
+                            f["job"], len(info["killed"]), info["killed"])
+            self.metrics.set_active(len(namespace.list_pins(cfg)))
+            return protocol.ok(**info)
+        if op == "status":
+            return protocol.ok(version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
+                               config=_config_dict(cfg), jobs=len(namespace.list_pins(cfg)),
+                               removals_queued=len(self.removals), removals_running=len(self.workers))
+        if op in ("list", "show"):
+            jobs = []
+            for job, st in sorted(namespace.all_states(cfg).items()):
+                if op == "show" and job != f["job"]:
+                    continue
+                st = dict(st or {"job": job, "state": "unreadable"})
+                ident = namespace.pin_identity(cfg, job)
+                st["pinned"] = bool(ident)
+                st["processes"] = namespace.processes_in(ident) if ident else []
+                jobs.append(st)
+            if op == "show" and not jobs:
+                return protocol.error(f"no job {f['job']} on this node", "not-found")
+            return protocol.ok(jobs=jobs, removals=[f"{p}/{n}" for p, n in self.removals]
+                               + [f"{p}/{n}" for p, n, _, _ in self.workers.values()])
+        if op == "cleanup":
+            return self._cleanup(f.get("job"), f.get("dry_run", False))
+        raise AssertionError(op)
+
+    def _cleanup(self, job, dry_run):
+        """Remove what no running job owns: pins and state of jobs whose
+        namespace has no process and whose Slurm job is gone cannot be known
+        here, so cleanup of a named job is explicit; without a job it sweeps
+        orphans (directories without a live pin, interrupted removals)."""
+        cfg = self.cfg
+        if job is not None:
+            st = namespace.read_state(cfg, job)
+            would = {"job": job, "state": (st or {}).get("state"), "pinned": bool(namespace.pin_identity(cfg, job))}
+            if dry_run:
+                return protocol.ok(dry_run=True, would_destroy=[would])
+            return protocol.ok(destroyed=[namespace.destroy(cfg, job, on_trash=self.queue_removal)])
+        live = {}
+        for j, st in namespace.all_states(cfg).items():
+            if st and st.get("state") == namespace.STATE_READY and namespace.pin_identity(cfg, j):
+                live[j] = st
+        if dry_run:
+            match = names.NameMatcher(cfg.base_name)
+            orphans = []
+            with os.scandir(cfg.base_parent) as it:
+                for e in it:
+                    jr = match.job_dir(e.name)
+                    if jr and not (jr[0] in live and live[jr[0]].get("restart") == jr[1]):
+                        orphans.append(f"{cfg.base_parent}/{e.name}")
+            return protocol.ok(dry_run=True, orphans=orphans)
+        before = len(self.removals)
+        self._sweep_base(live)
+        return protocol.ok(queued=len(self.removals) - before)
+
+    # --- the loop --------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        pass    # the wakeup fd carries the signal number to the loop
+
+    def serve_forever(self):
+        self.sel = selectors.DefaultSelector()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sig_r = r
+        signal.set_wakeup_fd(w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.sel.register(r, selectors.EVENT_READ, "signal")
+        sd_notify(f"READY=1\nSTATUS=serving {self.cfg.socket_path}\nMAINPID={os.getpid()}")
+        log.info("op=start result=ok version=%s socket=%s base=%s mounts=%s", __version__,
+                 self.cfg.socket_path, self.cfg.base, ",".join(self.cfg.mounts))
+        self.metrics.write()
+        while not self.stopping:
+            self._start_removals()
+            timeout = 1.0
+            for key, _ in self.sel.select(timeout):
+                if key.data == "listen":
+                    self._accept()
+                elif key.data == "signal":
+                    self._signals()
+                else:
+                    self._read(key.data)
+            self._expire()
+            self._reap()
+            self.metrics.maybe_write()
+        self.shutdown()
+
+    def _signals(self):
+        try:
+            data = os.read(self._sig_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("op=stop signal=%s: leaving every job namespace and directory in place",
+                         signal.Signals(signum).name)
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                log.info("op=reload: configuration changes take effect at restart "
+                         "(systemctl restart privtmpd; running jobs keep their namespaces)")
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.error("op=accept result=error error=%s", e)
+                return
+            # Second check, independent of the socket file's mode: the peer
+            # process's credentials as the kernel saw them at connect().
+            try:
+                uid = _peer_uid(sock)
+            except OSError:
+                sock.close()
+                continue
+            if uid != 0:
+                log.warning("op=connect result=refused peer_uid=%d", uid)
+                self._reply(sock, protocol.error("only root may talk to privtmpd", "denied"))
+                continue
+            if len(self.conns) >= MAX_CLIENTS:
+                self._reply(sock, protocol.error("too many connections; retry", "busy"))
+                continue
+            sock.setblocking(False)
+            c = _Conn(sock)
+            self.conns[sock.fileno()] = c
+            self.sel.register(sock, selectors.EVENT_READ, c)
+
+    def _drop(self, c):
+        self.sel.unregister(c.sock)
+        del self.conns[c.sock.fileno()]
+
+    def _read(self, c):
+        try:
+            chunk = c.sock.recv(protocol.MAX_REQUEST + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+            c.buf = bytearray()
+        c.buf += chunk
+        if chunk and b"\n" not in c.buf and len(c.buf) <= protocol.MAX_REQUEST:
+            return
+        if chunk and len(c.buf) <= protocol.MAX_REQUEST:
+            # Read whatever else is already there: data after the request
+            # line is an error, not a second request.
+            try:
+                c.buf += c.sock.recv(protocol.MAX_REQUEST)
+            except (BlockingIOError, OSError):
+                pass
+        self._drop(c)
+        self._process(c.sock, bytes(c.buf))
+
+    def _expire(self):
+        now = time.monotonic()
+        for c in [c for c in self.conns.values() if c.deadline < now]:
+            self._drop(c)
+            self._reply(c.sock, protocol.error(f"no complete request within {READ_DEADLINE:.0f} s", "bad-request"))
+
+    def _process(self, sock, data):
+        t0 = time.monotonic()
+        op, job = "?", "-"
+        try:
+            op, fields = protocol.parse_request(data)
+            job = fields.get("job", "-")
+            reply = self.handle(op, fields)
+            result = "ok" if reply.startswith(b'{"ok":true') else "refused"
+        except protocol.ProtocolError as e:
+            log.warning("op=%s result=bad-request error=%s", op, e)
+            reply, result = protocol.error(str(e), "bad-request"), "bad-request"
+        except Exception as e:      # noqa: BLE001 - one place where errors become replies
+            log.error("job=%s op=%s result=error error=%s", job, op, e)
+            reply, result = protocol.error(str(e)), "error"
+        ms = (time.monotonic() - t0) * 1000
+        if op in ("create", "destroy"):
+            log.info("job=%s op=%s result=%s ms=%.1f", job, op, result, ms)
+            self.metrics.inc(f"privtmpd_{op}s_total", result=result)
+            self.metrics.observe(f"privtmpd_{op}_seconds", ms / 1000)
+        self._reply(sock, reply)
+
+    def _reply(self, sock, data):
+        try:
+            sock.setblocking(True)
+            sock.settimeout(READ_DEADLINE)
+            sock.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def shutdown(self):
+        """Fast stop (SIGTERM): jobs keep their namespaces; interrupted
+        removals are found again by the next start (trash names on disk)."""
+        sd_notify("STOPPING=1")
+        for c in list(self.conns.values()):
+            self._drop(c)
+            self._reply(c.sock, protocol.error("privtmpd is stopping; retry", "busy"))
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in list(self.workers):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            os.close(self.workers.pop(pid)[2])
+        try:
+            os.unlink(self.cfg.socket_path)
+        except FileNotFoundError:
+            pass
+        self.listener.close()
+        self.metrics.write()
+        log.info("op=stop result=ok")
+
+
+def _config_dict(cfg):
+    return {"base": cfg.base, "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
+            "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value, "source": cfg.source}
+
+
+# --- command line ----------------------------------------------------------
+
+def _setup_logging(foreground, debug):
+    handler = None
+    if not foreground and os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler.setFormatter(logging.Formatter("privtmpd[%(process)d]: %(message)s"))
+        except OSError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        # Under systemd the journal adds time and unit; keep lines short.
+        fmt = "privtmpd: %(levelname)s %(message)s" if os.environ.get("INVOCATION_ID") else \
+            "%(asctime)s privtmpd[%(process)d]: %(levelname)s %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _pidfile_stale(path):
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return True
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="privtmpd", description="Per-job private /tmp for Slurm: the node daemon.")
+    p.add_argument("--config", default=config.DEFAULT_PATH, help="configuration file (default %(default)s)")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in the foreground and log to stderr (systemd Type=notify)")
+    p.add_argument("--pidfile", default="/run/privtmpd.pid", help="pid file in detached mode (default %(default)s)")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    p.add_argument("--version", action="version", version=f"privtmpd {__version__}")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("privtmpd: must run as root (it creates mount namespaces)", file=sys.stderr)
+        return 1
+    _setup_logging(True, args.debug)
+    try:
+        cfg = config.load(args.config)
+        d = Daemon(cfg)
+        if not args.foreground and not _pidfile_stale(args.pidfile):
+            raise RuntimeError(f"already running (pid file {args.pidfile})")
+        d.startup()
+    except (config.ConfigError, RuntimeError, namespace.NamespaceError, OSError) as e:
+        print(f"privtmpd: {e}", file=sys.stderr)
+        return 1
+    if args.foreground:
+        d.serve_forever()
+        return 0
+    import daemon as pydaemon
+    import daemon.pidfile
+    try:
+        os.unlink(args.pidfile)     # stale (checked above); lockfile would wait on it
+    except FileNotFoundError:
+        pass
+    ctx = pydaemon.DaemonContext(
+        files_preserve=[d.listener.fileno()],
+        pidfile=daemon.pidfile.TimeoutPIDLockFile(args.pidfile, acquire_timeout=0),
+        umask=0o022, working_directory="/", signal_map={})
+    with ctx:
+        _setup_logging(False, args.debug)
+        d.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""One thin ctypes wrapper per system call that Python's os module lacks.
+
+Python 3.9-3.11 has no os.mount/os.unshare/os.setns, so these call libc
+directly.  Every wrapper raises KernelError (an OSError) carrying the real
+errno, the syscall name and the path it acted on, plus a hint for the admin
+when the errno has a well-known cause.  Nothing here decides policy: callers
+(namespace.py, safefs.py) decide what is safe to do.
+"""
+
+import ctypes
+import errno
+import fcntl
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# <linux/sched.h>
+CLONE_NEWNS = 0x00020000
+
+# <linux/mount.h> (classic mount flags)
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+
+# umount2 flags
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+# <linux/nsfs.h>: _IO(0xb7, 0x3)
+NS_GET_NSTYPE = 0xB703
+
+# <linux/openat2.h>
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+# renameat2 flags
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+
+AT_FDCWD = -100
+
+# openat2 has the same number on every architecture that has it (unified table).
+_SYS_openat2 = 437
+
+_HINTS = {
+    ("mount", errno.EINVAL): "a pin target on a shared mount, or a source from another mount namespace",
+    ("mount", errno.EPERM): "privtmpd must run as root in the host user namespace",
+    ("mount", errno.ENOENT): "the mount point or source does not exist",
+    ("umount2", errno.EINVAL): "not a mount point (already unmounted?)",
+    ("setns", errno.EINVAL): "not a mount-namespace file, or the process is multi-threaded",
+    ("unshare", errno.EPERM): "privtmpd must run as root (CAP_SYS_ADMIN)",
+    ("openat2", errno.EXDEV): "the path crosses a mount point",
+    ("openat2", errno.ELOOP): "the path contains a symbolic link",
+}
+
+
+class KernelError(OSError):
+    """A failed system call: errno, syscall name, path and a hint."""
+
+    def __init__(self, err, syscall, path="", hint=""):
+        self.syscall = syscall
+        self.path = path
+        self.hint = hint or _HINTS.get((syscall, err), "")
+        msg = f"{syscall}({path}): {os.strerror(err)}"
+        if self.hint:
+            msg += f" ({self.hint})"
+        super().__init__(err, msg)
+        self.filename = path or None
+
+    def __str__(self):
+        return self.strerror
+
+
+def _check(ret, syscall, path=""):
+    if ret < 0:
+        raise KernelError(ctypes.get_errno(), syscall, path)
+    return ret
+
+
+def _b(value):
+    return None if value is None else os.fsencode(value)
+
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.syscall.restype = ctypes.c_long
+
+
+def mount(source, target, fstype, flags, data=None):
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), "mount", target)
+
+
+def umount2(target, flags=0):
+    _check(_libc.umount2(_b(target), flags), "umount2", target)
+
+
+def unshare(flags):
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd, nstype, path=""):
+    _check(_libc.setns(fd, nstype), "setns", path)
+
+
+def renameat2(olddirfd, oldname, newdirfd, newname, flags):
+    _check(_libc.renameat2(olddirfd, _b(oldname), newdirfd, _b(newname), flags), "renameat2", oldname)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd, name, flags, resolve, mode=0):
+    """openat2(2): flags always get O_CLOEXEC; resolve restricts the lookup."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _libc.syscall(ctypes.c_long(_SYS_openat2), ctypes.c_int(dirfd), ctypes.c_char_p(_b(name)),
+                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    return _check(fd, "openat2", name)
+
+
+def ns_type(fd):
+    """NS_GET_NSTYPE on an nsfs file: the CLONE_NEW* constant, or None when the
+    file is not a namespace (a plain file, e.g. a pin that was unmounted)."""
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL):
+            return None
+        raise

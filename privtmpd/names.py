@@ -1,0 +1,95 @@
+"""Job id + restart count -> names and paths.  Pure: no I/O.
+
+Every value that reaches a path goes through parse_job_id/parse_count first:
+decimal ASCII digits only, no sign, no leading zero, bounded.  "007", "-1",
+"../x", "1\\n", "١٢" (Arabic-Indic digits, which int() accepts) are refused.
+"""
+
+import re
+
+# Slurm job ids are uint32; 0xfffffffe/0xffffffff are NO_VAL/INFINITE.
+JOB_ID_MAX = 0xFFFFFFFD
+# job_record.restart_cnt is a uint16.
+RESTART_MAX = 0xFFFF
+# uid_t/gid_t; (uid_t)-1 means "no change" to chown, so it is refused.
+ID_MAX = 0xFFFFFFFE
+
+_DIGITS = re.compile(r"(0|[1-9][0-9]{0,9})\Z", re.ASCII)
+
+
+class BadName(ValueError):
+    """A job id, restart count or id that must never become part of a path."""
+
+
+def _parse(text, what, lo, hi):
+    if not isinstance(text, str):
+        raise BadName(f"{what} must be a string of decimal digits, got {type(text).__name__}")
+    if not _DIGITS.match(text):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise BadName(f"{what} {shown!r} is not a plain decimal number (digits 0-9, no sign, no leading zero)")
+    value = int(text)
+    if not lo <= value <= hi:
+        raise BadName(f"{what} {text} is out of range ({lo}..{hi})")
+    return value
+
+
+def parse_job_id(text):
+    return _parse(text, "job id", 1, JOB_ID_MAX)
+
+
+def parse_restart_count(text):
+    return _parse(text, "restart count", 0, RESTART_MAX)
+
+
+def parse_id(text, what="uid"):
+    return _parse(text, what, 0, ID_MAX)
+
+
+def mount_dirname(mountpoint):
+    """The per-mount subdirectory name, as the original plugin named it:
+    "/var/tmp" -> "var_tmp", "/tmp" -> "tmp"."""
+    return mountpoint.strip("/").replace("/", "_")
+
+
+def job_dir_name(base_name, job, restart):
+    """Last component of $base.$jobid.$restartcount (base_name is basename(base))."""
+    return f"{base_name}.{job}.{restart}"
+
+
+def trash_name(base_name, job, restart, nonce):
+    """A job directory being removed: renamed (atomically, in the same parent)
+    so the job path is free at once and the removal can resume after a crash."""
+    return f"{base_name}.{job}.{restart}.deleting.{nonce}"
+
+
+class NameMatcher:
+    """Recognises our entries in the base's parent directory."""
+
+    def __init__(self, base_name):
+        b = re.escape(base_name)
+        num = r"(0|[1-9][0-9]*)"
+        self._job = re.compile(rf"{b}\.{num}\.{num}\Z", re.ASCII)
+        self._trash = re.compile(rf"{b}\.{num}\.{num}\.deleting\.[0-9a-z]+\Z", re.ASCII)
+        # safefs builds a job directory under .<name>.new.<nonce> and may move
+        # a blocking entry to .<name>.aside.<nonce>: leftovers of a crash.
+        self._temp = re.compile(rf"\.{b}\.{num}\.{num}\.(new|aside)\.[0-9a-z]+\Z", re.ASCII)
+
+    def job_dir(self, name):
+        """(job, restart) when name is a job directory name, else None."""
+        m = self._job.match(name)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+    def trash(self, name):
+        return self._trash.match(name) is not None
+
+    def temporary(self, name):
+        return self._temp.match(name) is not None
+
+
+def pin_path(rundir, job):
+    """Where the job's mount namespace is pinned; the entry helper opens it."""
+    return f"{rundir}/ns/{job}"
+
+
+def state_path(rundir, job):
+    return f"{rundir}/jobs/{job}.json"

@@ -1,0 +1,417 @@
+"""Create, pin, verify and destroy one job's mount namespace.
+
+Lifecycle of job J (restart count R), all done by the daemon in the host
+mount namespace, one request at a time:
+
+  create   1. build $base.J.R/<mount dirs> (safefs: fd-relative, no symlinks)
+           2. record state "creating" in <rundir>/jobs/J.json
+           3. fork a child; it unshares its mount namespace, makes / rslave
+              and bind-mounts the job's directories over the mount points
+           4. bind-mount /proc/<child>/ns/mnt onto <rundir>/ns/J (the pin),
+              record state "ready", let the child exit
+  destroy  kill what is left in the namespace, unpin, rename $base.J.* out
+           of the way (O(1)); the daemon removes the renamed trees later.
+
+The pin keeps the namespace alive with no process in it.  The pin
+directory is a private mount: a bind of an nsfs file onto a file on a
+shared mount fails with EINVAL, and a shared pin dir would propagate pins
+into other namespaces.
+"""
+
+import errno
+import json
+import os
+import select
+import signal
+import stat
+import time
+
+from . import kernel, names, safefs
+from .kernel import KernelError
+
+STATE_CREATING = "creating"
+STATE_READY = "ready"
+
+
+class NamespaceError(Exception):
+    """Creating or entering a namespace failed; message is for the admin."""
+
+
+# --- run directory -------------------------------------------------------
+
+def _is_mountpoint(path):
+    target = os.fsencode(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            mp = line.split(b" ", 5)[4]
+            if _unescape(mp) == target:
+                return True
+    return False
+
+
+def _unescape(field):
+    # mountinfo octal-escapes space, tab, newline and backslash.
+    if b"\\" not in field:
+        return field
+    out, i = bytearray(), 0
+    while i < len(field):
+        if field[i:i + 1] == b"\\" and field[i + 1:i + 4].isdigit():
+            out.append(int(field[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out += field[i:i + 1]
+            i += 1
+    return bytes(out)
+
+
+def _secure_dir(path):
+    """mkdir -m 0700 path (root's), refusing a symlink or a foreign owner."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+        raise NamespaceError(f"{path} exists but is not a root-owned directory; remove it and restart privtmpd")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def setup_rundir(cfg):
+    """rundir/ (0700 root) with ns/ (private mount, holds pins) and jobs/ (state)."""
+    parent = os.path.dirname(cfg.rundir)
+    os.makedirs(parent, 0o755, exist_ok=True)
+    _secure_dir(cfg.rundir)
+    nsdir = f"{cfg.rundir}/ns"
+    _secure_dir(nsdir)
+    _secure_dir(f"{cfg.rundir}/jobs")
+    if not _is_mountpoint(nsdir):
+        kernel.mount(nsdir, nsdir, None, kernel.MS_BIND)
+    make_pin_dir_private(cfg)
+
+
+def make_pin_dir_private(cfg):
+    # Re-asserted before every pin: any tool that runs `mount --make-rshared /`
+    # turns the pin directory shared again.
+    kernel.mount(None, f"{cfg.rundir}/ns", None, kernel.MS_PRIVATE)
+
+
+# --- state files ---------------------------------------------------------
+
+def write_state(cfg, job, state):
+    path = names.state_path(cfg.rundir, job)
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def read_state(cfg, job):
+    try:
+        with open(names.state_path(cfg.rundir, job), encoding="utf-8") as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) else None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def remove_state(cfg, job):
+    try:
+        os.unlink(names.state_path(cfg.rundir, job))
+    except FileNotFoundError:
+        pass
+
+
+def all_states(cfg):
+    """{job: state} for every state file (unparsable ones map to None)."""
+    out = {}
+    for name in os.listdir(f"{cfg.rundir}/jobs"):
+        if name.endswith(".json"):
+            try:
+                job = names.parse_job_id(name[:-5])
+            except names.BadName:
+                continue
+            out[job] = read_state(cfg, job)
+    return out
+
+
+# --- pins ----------------------------------------------------------------
+
+def pin_identity(cfg, job):
+    """(st_dev, st_ino) of the live mount namespace pinned for job, or None
+    when there is no pin or it is a plain file (unmounted, stale)."""
+    try:
+        fd = os.open(names.pin_path(cfg.rundir, job), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        if kernel.ns_type(fd) != kernel.CLONE_NEWNS:
+            return None
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
+
+
+def list_pins(cfg):
+    out = []
+    for name in os.listdir(f"{cfg.rundir}/ns"):
+        try:
+            out.append(names.parse_job_id(name))
+        except names.BadName:
+            out.append(name)
+    return out
+
+
+def unpin(cfg, job):
+    """Unmount (all stacked binds of) and remove the pin.  Idempotent."""
+    pin = names.pin_path(cfg.rundir, job) if isinstance(job, int) else f"{cfg.rundir}/ns/{job}"
+    for _ in range(64):
+        try:
+            kernel.umount2(pin, kernel.MNT_DETACH | kernel.UMOUNT_NOFOLLOW)
+        except KernelError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):
+                break
+            raise
+    try:
+        os.unlink(pin)
+    except FileNotFoundError:
+        pass
+
+
+def _pin(cfg, job, pid):
+    pin = names.pin_path(cfg.rundir, job)
+    unpin(cfg, job)
+    make_pin_dir_private(cfg)
+    fd = os.open(pin, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+    os.close(fd)
+    src = f"/proc/{pid}/ns/mnt"
+    kernel.mount(src, pin, None, kernel.MS_BIND)
+    expect = os.stat(src)
+    if pin_identity(cfg, job) != (expect.st_dev, expect.st_ino):
+        unpin(cfg, job)
+        raise NamespaceError(f"pin {pin} does not hold the namespace of process {pid} after mounting it")
+
+
+# --- processes -----------------------------------------------------------
+
+def processes_in(ns_id):
+    """PIDs whose mount namespace is ns_id (dev, ino).  Only meaningful while
+    the namespace is pinned: inode numbers are reused once it is freed."""
+    import psutil
+    out = []
+    for pid in psutil.pids():
+        try:
+            st = os.stat(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue            # gone, or a zombie (which holds no namespace)
+        if (st.st_dev, st.st_ino) == ns_id:
+            out.append(pid)
+    return out
+
+
+def kill_processes_in(ns_id, timeout):
+    """SIGKILL every process still inside the job's namespace (Slurm has
+    already had its chance to end them; what remains escaped its process
+    tracking) and wait until none is left.  Returns the PIDs killed."""
+    killed = []
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [p for p in processes_in(ns_id) if p != os.getpid()]
+        if not pids:
+            return killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            if pid not in killed:
+                killed.append(pid)
+        if time.monotonic() > deadline:
+            raise NamespaceError(f"processes {pids} are still in the job's namespace after SIGKILL "
+                                 f"(uninterruptible I/O?); retry the Epilog later")
+        time.sleep(0.02)
+
+
+# --- create --------------------------------------------------------------
+
+def _mount_flags_of(fd):
+    """Per-mount flags of the mount the source lives on, so a bind of a
+    directory from a noexec or read-only filesystem does not gain exec or
+    write; nosuid and nodev are always added."""
+    f = os.statvfs(f"/proc/self/fd/{fd}").f_flag
+    flags = kernel.MS_NOSUID | kernel.MS_NODEV
+    for st_bit, ms_bit in ((os.ST_RDONLY, 1), (os.ST_NOEXEC, kernel.MS_NOEXEC),
+                           (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048), (os.ST_RELATIME, 1 << 21)):
+        if f & st_bit:
+            flags |= ms_bit
+    return flags
+
+
+def _child_setup(binds, shm):
+    """Runs in the forked child, single-threaded, before anything else."""
+    kernel.unshare(kernel.CLONE_NEWNS)
+    # rslave: host mounts made later (autofs, NFS) still reach the job, and
+    # nothing mounted here propagates back to the host.  Never touch the
+    # host's own propagation.
+    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_SLAVE)
+    # Open every source and target first: mounting over /tmp hides a base
+    # under /tmp, so the order of mount= must not matter.
+    opened = []
+    for target, src_path, dev, ino in binds:
+        src = safefs.open_verified(src_path, dev, ino)
+        tgt = safefs.open_dir(target, safefs.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        opened.append((target, src, tgt))
+    for target, src, tgt in opened:
+        flags = _mount_flags_of(src)
+        kernel.mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, kernel.MS_BIND)
+        kernel.mount(None, target, None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
+    if shm:
+        kernel.mount("tmpfs", "/dev/shm", "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV,
+                     f"size={shm},mode=1777")
+
+
+def _fork_namespace(binds, shm):
+    """Fork the child that builds the namespace.  Returns (pid, status_fd,
+    go_fd).  The daemon is single-threaded, so forking is safe."""
+    st_r, st_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            os.close(st_r)
+            os.close(go_w)
+            try:
+                _child_setup(binds, shm)
+                os.write(st_w, b"ok\n")
+            except BaseException as e:
+                err = getattr(e, "errno", None) or errno.EIO
+                os.write(st_w, json.dumps([err, str(e)]).encode()[:4000] + b"\n")
+                raise
+            os.read(go_r, 1)    # returns at EOF once the daemon has pinned us
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(st_w)
+    os.close(go_r)
+    return pid, st_r, go_w
+
+
+def _wait_child(pid):
+    for _ in range(500):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def job_dir(cfg, job, restart):
+    return f"{cfg.base_parent}/{names.job_dir_name(cfg.base_name, job, restart)}"
+
+
+def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
+    """Build and pin job's namespace.  Returns the state dict.
+
+    on_trash(parent, name) receives directories to remove in the background
+    (a leftover of ours found at the job path)."""
+    plan = cfg.mount_plan()
+    dname = names.job_dir_name(cfg.base_name, job, restart)
+    dpath = f"{cfg.base_parent}/{dname}"
+    state = {"job": job, "restart": restart, "uid": uid, "gid": gid, "user": user,
+             "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
+             "created": time.time(), "state": STATE_CREATING}
+    write_state(cfg, job, state)
+    pfd = safefs.open_dir(cfg.base_parent)
+    try:
+        placement = safefs.create_job_dir(pfd, dname, [sub for _, sub in plan], uid, gid, cfg.mode)
+        if placement.displaced_ours and on_trash:
+            on_trash(cfg.base_parent, placement.displaced_name)
+    finally:
+        os.close(pfd)
+    state["displaced"] = placement.displaced
+    binds = [(m, f"{dpath}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
+    pid, st_fd, go_fd = _fork_namespace(binds, cfg.shm)
+    try:
+        ready, _, _ = select.select([st_fd], [], [], timeout)
+        line = os.read(st_fd, 8192) if ready else b""
+        if line.strip() != b"ok":
+            if not ready:
+                raise NamespaceError(f"namespace setup timed out after {timeout:.0f} s")
+            try:
+                err, msg = json.loads(line)
+            except ValueError:
+                err, msg = errno.EIO, "namespace child died without a report"
+            raise NamespaceError(msg)
+        _pin(cfg, job, pid)
+        state["ns"] = list(pin_identity(cfg, job))
+        state["state"] = STATE_READY
+        write_state(cfg, job, state)
+    finally:
+        os.close(go_fd)
+        os.close(st_fd)
+        _wait_child(pid)
+    return state
+
+
+# --- destroy -------------------------------------------------------------
+
+def destroy(cfg, job, restart_hint=None, on_trash=None):
+    """Tear down whatever job has on this node.  Idempotent: no pin and no
+    directory is success.  Returns a dict describing what was done.
+
+    The restart count the Epilog sees may already be the next run's (Slurm
+    22.05 requeue), so the directory comes from the state file, and both
+    the hinted count and the one before it are tried as well."""
+    info = {"job": job, "killed": [], "unpinned": False, "dirs": []}
+    state = read_state(cfg, job) or {}
+    ns_id = pin_identity(cfg, job)
+    if ns_id:
+        info["killed"] = kill_processes_in(ns_id, cfg.kill_timeout)
+    if os.path.lexists(names.pin_path(cfg.rundir, job)):
+        unpin(cfg, job)
+        info["unpinned"] = True
+    restarts = set()
+    if isinstance(state.get("restart"), int):
+        restarts.add(state["restart"])
+    if restart_hint is not None:
+        restarts.update({restart_hint, max(restart_hint - 1, 0)})
+    pfd = safefs.open_dir(cfg.base_parent)
+    try:
+        for r in sorted(restarts):
+            dname = names.job_dir_name(cfg.base_name, job, r)
+            tname = trash_if_ours(pfd, cfg, dname, job, r)
+            if tname:
+                info["dirs"].append(dname)
+                if on_trash:
+                    on_trash(cfg.base_parent, tname)
+    finally:
+        os.close(pfd)
+    remove_state(cfg, job)
+    return info
+
+
+def trash_if_ours(pfd, cfg, dname, job, restart):
+    """Rename a job directory to its trash name if it is ours (a root-owned
+    directory; users cannot create those).  Returns the trash name or None."""
+    try:
+        st = os.stat(dname, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+        return None
+    tname = names.trash_name(cfg.base_name, job, restart, safefs._nonce())
+    if safefs.rename_aside(pfd, dname, tname):
+        return tname
+    return None

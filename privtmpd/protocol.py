@@ -1,0 +1,120 @@
+"""The closed set of requests the daemon answers, and their framing.
+
+Framing: one request per connection, one JSON object on one line, UTF-8,
+at most MAX_REQUEST bytes including the newline; nothing may follow it.
+The reply is one JSON object on one line: {"ok": true, ...} or
+{"ok": false, "error": "...", "kind": "..."}.
+
+Every field is checked here, before the daemon acts: unknown operations,
+unknown or missing fields, wrong types and out-of-range values are refused
+with a message that names the field.  Numbers travel as decimal strings
+(they come from Slurm's environment) and are parsed by names.py.
+"""
+
+import json
+
+from . import names
+
+MAX_REQUEST = 4096
+MAX_REPLY = 16 * 1024 * 1024
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A request that is not well-formed; the message goes back to the client."""
+
+
+def _job(v):
+    return names.parse_job_id(v)
+
+
+def _restart(v):
+    return names.parse_restart_count(v)
+
+
+def _uid(v):
+    return names.parse_id(v, "uid")
+
+
+def _gid(v):
+    return names.parse_id(v, "gid")
+
+
+def _user(v):
+    if not isinstance(v, str) or len(v) > 64 or not v.isprintable():
+        raise names.BadName("user must be a printable string of at most 64 characters")
+    return v
+
+
+def _flag(v):
+    if not isinstance(v, bool):
+        raise names.BadName("must be true or false")
+    return v
+
+
+# op -> {field: (parser, required)}
+OPS = {
+    "create": {"job": (_job, True), "restart": (_restart, True), "uid": (_uid, True),
+               "gid": (_gid, True), "user": (_user, False)},
+    "destroy": {"job": (_job, True), "restart": (_restart, False)},
+    "status": {},
+    "list": {},
+    "show": {"job": (_job, True)},
+    "cleanup": {"job": (_job, False), "dry_run": (_flag, False)},
+}
+
+
+def parse_request(data):
+    """bytes (as received, newline included) -> (op, {field: value})."""
+    if not data:
+        raise ProtocolError("empty request")
+    if len(data) > MAX_REQUEST:
+        raise ProtocolError(f"request larger than {MAX_REQUEST} bytes")
+    line, nl, rest = data.partition(b"\n")
+    if not nl:
+        raise ProtocolError("truncated request (no newline at the end)")
+    if rest:
+        raise ProtocolError("unexpected data after the request line")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("request is not valid UTF-8") from None
+    try:
+        msg = json.loads(text)
+    except RecursionError:
+        raise ProtocolError("request nested too deeply") from None
+    except ValueError as e:
+        raise ProtocolError(f"request is not valid JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("request must be a JSON object")
+    op = msg.pop("op", None)
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(f"unknown operation {op!r} (known: {', '.join(sorted(OPS))})")
+    spec = OPS[op]
+    unknown = sorted(set(msg) - set(spec))
+    if unknown:
+        raise ProtocolError(f"{op}: unknown field(s) {', '.join(map(repr, unknown))}")
+    fields = {}
+    for key, (parse, required) in spec.items():
+        if key not in msg:
+            if required:
+                raise ProtocolError(f"{op}: missing field {key!r}")
+            continue
+        try:
+            fields[key] = parse(msg[key])
+        except names.BadName as e:
+            raise ProtocolError(f"{op}: {key}: {e}") from None
+    return op, fields
+
+
+def encode(obj):
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def ok(**fields):
+    return encode({"ok": True, **fields})
+
+
+def error(message, kind="failed"):
+    """kind: "bad-request" (the client's fault), "failed" (ours or the system's)."""
+    return encode({"ok": False, "error": message, "kind": kind})

@@ -1,0 +1,378 @@
+"""Create, hand over and remove job directories without ever following a
+symlink or crossing a mount point.
+
+Job directories live next to paths any user can write (the original default
+base is /tmp/slurm).  Every operation here is relative to a directory file
+descriptor that was opened with O_NOFOLLOW, so a name swapped for a symlink
+between two steps is never resolved, and ownership is changed through an fd
+(fchown) on the inode we created, never through a path.
+
+The one trust assumption: the parent of the job directories and all its
+ancestors are root's, and the parent is either not writable by others or
+sticky (config.check_filesystem enforces it).  In a sticky directory nobody
+but root can rename or remove the root-owned job directory we create, so
+once it is placed its name keeps pointing at it.
+"""
+
+import errno
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+
+from . import kernel
+from .kernel import KernelError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+class UnsafePath(OSError):
+    """A path that is not what we created or expect (squatted, swapped, symlinked)."""
+
+
+def open_dir(path, flags=_DIR_FLAGS):
+    """Open an absolute directory path component by component, refusing any
+    symlink on the way (O_NOFOLLOW on each openat)."""
+    if not path.startswith("/"):
+        raise ValueError(f"not an absolute path: {path!r}")
+    fd = os.open("/", flags)
+    try:
+        for part in path.strip("/").split("/"):
+            if not part:
+                continue
+            try:
+                nfd = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(e.errno, f"{path}: component {part!r} is a symlink or not a directory", path) from None
+                raise OSError(e.errno, f"open {path}: {e.strerror}", path) from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_verified(path, dev, ino):
+    """O_PATH fd on path (no symlink anywhere), checked to be exactly the
+    inode (dev, ino) we created.  Used in the namespace child, which must
+    reopen the job directories after unshare (a directory fd from the host
+    namespace cannot be a bind-mount source there)."""
+    fd = open_dir(path, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        os.close(fd)
+        raise UnsafePath(errno.ESTALE, f"{path} is no longer the directory privtmpd created "
+                                       f"(replaced or swapped while the job started)", path)
+    return fd
+
+
+def _nonce():
+    return secrets.token_hex(6)
+
+
+@dataclass
+class Placement:
+    """Result of create_job_dir."""
+    subdirs: dict            # name -> (st_dev, st_ino)
+    displaced: str = ""      # what was found at the job path and moved aside, for the log
+    displaced_name: str = ""
+    displaced_ours: bool = False
+
+
+def create_job_dir(parent_fd, name, subdirs, uid, gid, mode):
+    """Create <parent>/<name> (root, 0700) with one subdirectory per mount,
+    owned by uid:gid, and place it atomically at <name>.
+
+    The directory is built under a random name first and then renamed into
+    place with RENAME_NOREPLACE; if something already sits at <name> (a
+    squatter's directory, a symlink, a FIFO, or our own leftover) it is
+    swapped out with RENAME_EXCHANGE.  Either way <name> ends up being our
+    inode, and nothing anyone pre-created is ever used or followed."""
+    for _ in range(16):
+        tmp = f".{name}.new.{_nonce()}"
+        try:
+            os.mkdir(tmp, 0o700, dir_fd=parent_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise UnsafePath(errno.EEXIST, f"cannot create a temporary directory next to {name}")
+    placed = False
+    try:
+        jfd = os.open(tmp, _DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            st = os.fstat(jfd)
+            if st.st_uid != 0 or not stat.S_ISDIR(st.st_mode):
+                raise UnsafePath(errno.EPERM, f"{tmp} was replaced before it could be opened")
+            os.fchmod(jfd, 0o700)
+            made = {}
+            for sub in subdirs:
+                os.mkdir(sub, 0o700, dir_fd=jfd)
+                sfd = os.open(sub, _DIR_FLAGS, dir_fd=jfd)
+                try:
+                    os.fchown(sfd, uid, gid)
+                    os.fchmod(sfd, mode)
+                    sst = os.fstat(sfd)
+                    made[sub] = (sst.st_dev, sst.st_ino)
+                finally:
+                    os.close(sfd)
+        finally:
+            os.close(jfd)
+        result = Placement(made)
+        _place(parent_fd, tmp, name, result)
+        placed = True
+        return result
+    finally:
+        if not placed:
+            remove_tree(parent_fd, tmp)
+
+
+def _place(parent_fd, tmp, name, result):
+    for _ in range(16):
+        try:
+            kernel.renameat2(parent_fd, tmp, parent_fd, name, kernel.RENAME_NOREPLACE)
+            return
+        except KernelError as e:
+            if e.errno == errno.EINVAL:       # filesystem without renameat2 flags
+                return _place_plain(parent_fd, tmp, name, result)
+            if e.errno != errno.EEXIST:
+                raise
+        try:
+            kernel.renameat2(parent_fd, tmp, parent_fd, name, kernel.RENAME_EXCHANGE)
+        except KernelError as e:
+            if e.errno == errno.ENOENT:       # it vanished meanwhile: try again
+                continue
+            raise
+        # Our directory is at <name>; whatever was there is now at tmp.
+        _note_displaced(parent_fd, tmp, name, result)
+        return
+    raise UnsafePath(errno.EEXIST, f"{name} keeps being re-created while the job starts")
+
+
+def _place_plain(parent_fd, tmp, name, result):
+    # rename(2) atomically replaces an empty directory and fails on anything
+    # else; move whatever blocks aside and retry.
+    for _ in range(16):
+        try:
+            os.rename(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+        aside = f".{name}.aside.{_nonce()}"
+        try:
+            os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        except FileNotFoundError:
+            continue
+        _note_displaced(parent_fd, aside, name, result)
+    raise UnsafePath(errno.EEXIST, f"{name} keeps being re-created while the job starts")
+
+
+def _note_displaced(parent_fd, at, name, result):
+    """Whatever sat at the job path: our own leftover (root-owned directory)
+    is left under `at` for the caller to remove; anything else belongs to a
+    user and is renamed <name>.squatted.<nonce> and left alone: root never
+    deletes what a user made, and never uses it."""
+    st = os.stat(at, dir_fd=parent_fd, follow_symlinks=False)
+    kind = stat.filemode(st.st_mode)
+    if st.st_uid == 0 and stat.S_ISDIR(st.st_mode):
+        result.displaced_ours = True
+        result.displaced_name = at
+        result.displaced = f"a leftover root-owned directory ({kind})"
+        return
+    squatted = f"{name}.squatted.{_nonce()}"
+    os.rename(at, squatted, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    result.displaced_name = squatted
+    result.displaced = f"{kind} owned by uid {st.st_uid}, moved to {squatted}"
+
+
+def rename_aside(parent_fd, name, new_name):
+    """Atomically take a job directory out of its path.  False if absent."""
+    try:
+        kernel.renameat2(parent_fd, name, parent_fd, new_name, kernel.RENAME_NOREPLACE)
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        if e.errno != errno.EINVAL:
+            raise
+        os.rename(name, new_name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    return True
+
+
+# --- removal -------------------------------------------------------------
+
+_RESOLVE = (kernel.RESOLVE_NO_XDEV | kernel.RESOLVE_NO_SYMLINKS
+            | kernel.RESOLVE_NO_MAGICLINKS | kernel.RESOLVE_BENEATH)
+_have_openat2 = True
+
+# Deeper subtrees are moved up to the top directory and removed from there,
+# so a 100 000-level tree needs neither recursion nor 100 000 open fds.
+MAX_DEPTH = 64
+MAX_ERRORS_KEPT = 20
+
+
+def _mnt_id(fd):
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    return None
+
+
+def _open_child_dir(dirfd, name):
+    """Open a subdirectory for removal: never a symlink, never another mount
+    (a bind or any mount made under the job's directory, in the host
+    namespace, is skipped, not emptied)."""
+    global _have_openat2
+    if _have_openat2:
+        try:
+            return kernel.openat2(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, _RESOLVE)
+        except KernelError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            _have_openat2 = False
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+    if _mnt_id(fd) != _mnt_id(dirfd):
+        os.close(fd)
+        raise KernelError(errno.EXDEV, "openat", name)
+    return fd
+
+
+@dataclass
+class RemoveStats:
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    mounts_skipped: int = 0
+    failures: int = 0
+    errors: list = field(default_factory=list)
+
+    def fail(self, what, name, err):
+        self.failures += 1
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(f"{what}({name!r}): {os.strerror(err)}")
+
+    @property
+    def complete(self):
+        return self.failures == 0 and self.mounts_skipped == 0
+
+
+def remove_tree(parent_fd, name, stats=None):
+    """Remove parent/name and everything below it.  Unremovable entries
+    (immutable files, mount points) are counted and reported; the rest is
+    removed anyway.  Returns RemoveStats."""
+    stats = stats or RemoveStats()
+    try:
+        top = _open_child_dir(parent_fd, name)
+    except FileNotFoundError:
+        return stats
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            # Not a directory (or a symlink): unlinking the name is all there is to do.
+            try:
+                os.unlink(name, dir_fd=parent_fd)
+                stats.files += 1
+            except OSError as e2:
+                stats.fail("unlinkat", name, e2.errno)
+            return stats
+        if e.errno == errno.EXDEV:
+            stats.mounts_skipped += 1
+            stats.fail("openat2", name, e.errno)
+            return stats
+        raise
+    try:
+        while True:
+            # Only the last pass's failures count: an entry that a pass
+            # missed (directories modified while listed) is retried.
+            stats.failures, stats.mounts_skipped, stats.errors = 0, 0, []
+            before = (stats.files, stats.dirs)
+            _empty(top, stats)
+            with os.scandir(top) as it:
+                left = next(it, None) is not None
+            if not left or (stats.files, stats.dirs) == before:
+                break
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+        stats.dirs += 1
+    except OSError as e:
+        stats.fail("rmdir", name, e.errno)
+    return stats
+
+
+def _empty(top, stats):
+    counter = 0
+    stack = [(top, os.scandir(top), None)]
+    try:
+        while stack:
+            fd, it, _ = stack[-1]
+            child = None
+            for entry in it:
+                nm = entry.name
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        os.unlink(nm, dir_fd=fd)
+                        stats.files += 1
+                        stats.bytes += st.st_blocks * 512
+                        continue
+                    except FileNotFoundError:
+                        continue
+                    except IsADirectoryError:
+                        pass            # replaced by a directory meanwhile
+                    except OSError as e:
+                        stats.fail("unlinkat", nm, e.errno)
+                        continue
+                if len(stack) >= MAX_DEPTH:
+                    counter += 1
+                    try:
+                        os.rename(nm, f".deep.{counter}.{_nonce()}", src_dir_fd=fd, dst_dir_fd=top)
+                    except OSError as e:
+                        stats.fail("renameat", nm, e.errno)
+                    continue
+                try:
+                    cfd = _open_child_dir(fd, nm)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.EXDEV:
+                        stats.mounts_skipped += 1
+                        stats.fail("openat2", nm, e.errno)
+                    elif e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        try:
+                            os.unlink(nm, dir_fd=fd)
+                            stats.files += 1
+                        except OSError as e2:
+                            stats.fail("unlinkat", nm, e2.errno)
+                    else:
+                        stats.fail("openat2", nm, e.errno)
+                    continue
+                child = (cfd, os.scandir(cfd), nm)
+                break
+            if child:
+                stack.append(child)
+                continue
+            fd, it, nm = stack.pop()
+            it.close()
+            if stack:
+                os.close(fd)
+                try:
+                    os.rmdir(nm, dir_fd=stack[-1][0])
+                    stats.dirs += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    stats.fail("rmdir", nm, e.errno)
+    finally:
+        for fd, it, nm in stack:
+            it.close()
+            if nm is not None:
+                os.close(fd)
