@@ -85,14 +85,16 @@ def _abs_path(value, key, where):
 
 def _parse_size(value, where):
     v = value.strip().lower()
+    # Length limits before int(): besides being absurd as sizes, strings of
+    # more than 4300 digits make int() raise a plain ValueError.
     if v.endswith("%"):
         num = v[:-1]
-        if num.isdigit() and num.isascii() and 0 < int(num) <= 100:
+        if num.isdigit() and num.isascii() and len(num) <= 3 and 0 < int(num) <= 100:
             return value
         raise ConfigError(f"{where}: shm={value!r}: a percentage must be 1%..100%")
     unit = v[-1:] if v[-1:] in "kmgt" else ""
     num = v[:-1] if unit else v
-    if not (num.isascii() and num.isdigit()) or int(num) == 0:
+    if not (num.isascii() and num.isdigit()) or len(num) > 20 or int(num) == 0:
         raise ConfigError(f"{where}: shm={value!r} is not a size (examples: 512m, 2g, 10%; or shm=no)")
     return value
 

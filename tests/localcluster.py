@@ -41,7 +41,6 @@ import time
 DEFAULT_WORKDIR = "/var/lib/privtmpd-test/cluster"
 TEST_USERS = ("privtmp1", "privtmp2")
 PRIVATIZED = ("/tmp", "/var/tmp", "/dev/shm")
-SLURM_DAEMONS = ("slurmctld", "slurmd", "slurmstepd")
 MUNGE_KEY = "/etc/munge/munge.key"
 MUNGE_RUNDIR = "/run/munge"
 # Where the binaries live; PATH under sudo/pytest does not always have sbin.
@@ -72,21 +71,48 @@ def _proc_name(pid):
     except OSError:
         return None
     # comm is in parentheses and may itself contain ") ".
-    name = data[data.index("(") + 1:data.rindex(")")]
     state = data[data.rindex(")") + 2:].split(" ", 1)[0]
     if state in ("Z", "X"):
         return None
-    return name
+    return data[data.index("(") + 1:data.rindex(")")]
 
 
 def _pids_named(names):
     """PIDs of live processes whose command name is one of names."""
-    pids = []
+    return [pid for pid, (name, _) in _process_table().items()
+            if name in names and pid != os.getpid()]
+
+
+def _process_table():
+    """{pid: (name, ppid)} of live processes."""
+    table = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            if _proc_name(int(entry)) in names:
-                pids.append(int(entry))
-    return pids
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        rest = data[data.rindex(")") + 2:].split()
+        if rest[0] not in ("Z", "X"):
+            table[int(entry)] = (data[data.index("(") + 1:data.rindex(")")],
+                                 int(rest[1]))
+    return table
+
+
+def _descendants(pids):
+    table = _process_table()
+    children = {}
+    for pid, (_, ppid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(pids)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
 
 
 def _kill_and_wait(pids, timeout=10.0, sig=signal.SIGTERM):
@@ -191,7 +217,6 @@ class LocalCluster:
         self.rundir = os.path.join(self.workdir, "run")
         self.userwork = os.path.join(os.path.dirname(self.workdir), "work")
         self._procs = {}
-        self._started_munged = False
 
     # ---------------------------------------------------------------- paths
     def pidfile(self, name):
@@ -287,6 +312,13 @@ class LocalCluster:
                     "".join(line.strip() + "\n" for line in self.plugstack_lines))
 
     @staticmethod
+    def _unlink(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
     def _write(path, text):
         tmp = path + ".new"
         with open(tmp, "w") as f:
@@ -337,11 +369,17 @@ class LocalCluster:
             return False
 
     def _start_munged(self):
-        if _pids_named(("munged",)):
-            if self._munge_works():
-                return
-            raise ClusterError("munged is running but munge -n | unmunge "
-                               "fails; check /var/log/munge/munged.log")
+        running = _pids_named(("munged",))
+        if running:
+            if not self._munge_works():
+                raise ClusterError("munged is running but munge -n | unmunge "
+                                   "fails; check /var/log/munge/munged.log")
+            # If our pid file names it, an earlier run of ours started it
+            # and was interrupted: keep the file, so stop() does not leak
+            # it.  Otherwise it is not ours to stop.
+            if self._read_pidfile("munged") not in running:
+                self._unlink(self.pidfile("munged"))
+            return
         pw = pwd.getpwnam("munge")
         if not os.path.exists(MUNGE_KEY):
             subprocess.run([_which("mungekey"), "--create", "--keyfile",
@@ -364,7 +402,6 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ClusterError("munged started but does not answer")
             time.sleep(0.05)
-        self._started_munged = True
         pids = _pids_named(("munged",))
         if pids:
             with open(self.pidfile("munged"), "w") as f:
@@ -374,9 +411,15 @@ class LocalCluster:
     @staticmethod
     def kill_stale_daemons():
         """Kill every slurmctld/slurmd/slurmstepd: on a test machine they can
-        only be leftovers of an interrupted run, and they hold the ports."""
+        only be leftovers of an interrupted run, and they hold the ports.
+
+        Job processes die with their steps: proctrack/linuxproc finds them
+        through their parent, so once a step daemon is gone its tasks
+        would be orphans nobody tracks.
+        """
         stepds = _pids_named(("slurmstepd",))
-        _kill_and_wait(stepds, timeout=2, sig=signal.SIGKILL)
+        _kill_and_wait(stepds + _descendants(stepds), timeout=2,
+                       sig=signal.SIGKILL)
         _kill_and_wait(_pids_named(("slurmd", "slurmctld")), timeout=10)
 
     def start(self, timeout=30):
@@ -385,16 +428,22 @@ class LocalCluster:
         ensure_hosts_entry(self.host)
         self.kill_stale_daemons()
         self.write_config()
-        for name in ("slurmctld", "slurmd", "munged"):
-            try:
-                os.unlink(self.pidfile(name))
-            except FileNotFoundError:
-                pass
         for name in ("slurmctld", "slurmd"):
-            try:
-                os.unlink(self.logfile(name))
-            except FileNotFoundError:
-                pass
+            self._unlink(self.pidfile(name))
+            # Keep the previous run's logs (an interrupted run's are the
+            # interesting ones) but start each run with fresh files.
+            for path in (self.logfile(name),
+                         os.path.join(self.logdir, f"{name}.stderr")):
+                if os.path.exists(path):
+                    os.replace(path, path + ".1")
+        # Job ids start again at 1: an output file of an earlier run must
+        # not pass for the output of a new job that never wrote one.
+        for user in self.users:
+            d = self.user_dir(user)
+            if os.path.isdir(d) and not os.path.islink(d):
+                for name in os.listdir(d):
+                    if name.startswith("slurm-") and name.endswith(".out"):
+                        self._unlink(os.path.join(d, name))
         self._start_munged()
         try:
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c",
@@ -453,19 +502,15 @@ class LocalCluster:
                     procs[name].wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
-        # Steps of jobs still running belong to us too.
-        _kill_and_wait(_pids_named(("slurmstepd",)), timeout=2,
+        # Steps of jobs still running (and their tasks) belong to us too.
+        stepds = _pids_named(("slurmstepd",))
+        _kill_and_wait(stepds + _descendants(stepds), timeout=2,
                        sig=signal.SIGKILL)
         pid = self._read_pidfile("munged")
-        if (self._started_munged or pid) and pid and \
-                _proc_name(pid) == "munged":
+        if pid and _proc_name(pid) == "munged":
             _kill_and_wait([pid], timeout=10)
-        self._started_munged = False
         for name in ("slurmctld", "slurmd", "munged"):
-            try:
-                os.unlink(self.pidfile(name))
-            except FileNotFoundError:
-                pass
+            self._unlink(self.pidfile(name))
 
     def _daemon_pid(self, name):
         """PID of our running daemon `name`, from Popen or the pid file."""
@@ -489,7 +534,8 @@ class LocalCluster:
     # --------------------------------------------------------------- queries
     def _client(self, argv, timeout=30, check=True):
         r = subprocess.run(argv, env=self.env(), capture_output=True,
-                           text=True, timeout=timeout)
+                           stdin=subprocess.DEVNULL, text=True,
+                           timeout=timeout)
         if check and r.returncode:
             raise ClusterError(f"{' '.join(argv)} failed "
                                f"({r.returncode}): {r.stderr.strip()}\n"
@@ -529,15 +575,23 @@ class LocalCluster:
                 f"node {self.host} is {state} (Reason={info.get('Reason')})\n"
                 + self.logs())
 
+    @staticmethod
+    def _idle(state):
+        """IDLE, also when drained: only allocations and COMPLETING (an
+        Epilog still running) count as busy."""
+        flags = state.split("+")
+        return flags[0] == "IDLE" and "COMPLETING" not in flags
+
     def wait_idle(self, timeout=30, jobs=True):
-        """Wait until the node is IDLE (not COMPLETING, i.e. every Epilog has
-        finished) and, if jobs, no job is left in the queue."""
+        """Wait until the node is idle (no allocation, not COMPLETING: every
+        Epilog has finished) and, if jobs, no job is left in the queue.
+        A drained node counts as idle; check assert_not_drained()."""
         deadline = time.monotonic() + timeout
         last = None
         while True:
             try:
                 last = self.node_state()
-                if last == "IDLE" and not (jobs and self.squeue()):
+                if self._idle(last) and not (jobs and self.squeue()):
                     return
             except ClusterError as e:
                 last = str(e).splitlines()[0]
@@ -565,10 +619,16 @@ class LocalCluster:
         return [_which("runuser"), "-u", user, "--"] + list(argv)
 
     def srun(self, user, args, timeout=60, env=None):
-        """runuser -u USER -- srun ARGS, from the user's work directory."""
-        return subprocess.run(self._as_user(user, [_which("srun")] + list(args)),
-                              cwd=self.user_dir(user), env=self.env(env),
-                              capture_output=True, text=True, timeout=timeout)
+        """runuser -u USER -- srun ARGS, from the user's work directory.
+
+        stdin is /dev/null: srun forwards its stdin to task 0, and a test
+        runner's stdin (a terminal, or nothing at all in CI) must not leak
+        into jobs or block them.
+        """
+        argv = self._as_user(user, [_which("srun")] + list(args))
+        return subprocess.run(argv, cwd=self.user_dir(user), env=self.env(env),
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
 
     def output_path(self, user, jobid):
         return os.path.join(self.user_dir(user), f"slurm-{jobid}.out")
@@ -580,8 +640,9 @@ class LocalCluster:
         Returns (jobid, output).  With wait, blocks until the job has ended
         and its Epilog has run, and output is the job's stdout+stderr file;
         otherwise output is None.  The result also carries .returncode (the
-        job's exit code, 128+N for signal N, like `sbatch --wait`), .stderr
-        (sbatch's) and .state (e.g. COMPLETED, FAILED).
+        job's exit code, 128+N for signal N, like `sbatch --wait`; None if
+        the job was held after a failed Prolog/launch), .stderr (sbatch's)
+        and .state (e.g. COMPLETED, FAILED, or PENDING when held).
 
         `sbatch --wait` itself polls every 2 s or so; polling scontrol is
         ~40 times faster for the short jobs of a test suite.
@@ -622,17 +683,27 @@ class LocalCluster:
         return self.job_info(jobid).get("JobState")
 
     TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+                "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+                "SPECIAL_EXIT", "REVOKED"}
+    # A failed Prolog or launch requeues the job held (and drains the
+    # node): it would stay PENDING forever.
+    HELD = {"launch_failed_requeued_held", "JobHeldAdmin", "JobHeldUser"}
 
     def wait_job(self, jobid, timeout=120):
         """Wait until the job is finished, Epilog included (a job stays
-        COMPLETING while its Epilog runs).  Returns state and returncode."""
+        COMPLETING while its Epilog runs), or held after a failed launch.
+
+        Returns {"state", "returncode", "reason"}; state is None and
+        returncode None if slurmctld has already forgotten the job
+        (MinJobAge)."""
         deadline = time.monotonic() + timeout
         info = {}
         while True:
             info = self.job_info(jobid)
             state = info.get("JobState")
-            if state is None or state in self.TERMINAL:
+            if state is None:
+                return {"state": None, "returncode": None, "reason": None}
+            if state in self.TERMINAL or info.get("Reason") in self.HELD:
                 break
             if time.monotonic() > deadline:
                 raise ClusterError(f"job {jobid} still {state} after "
@@ -640,6 +711,8 @@ class LocalCluster:
             time.sleep(0.05)
         code, _, sig = info.get("ExitCode", "0:0").partition(":")
         rc = 128 + int(sig) if sig and int(sig) else int(code or 0)
+        if state not in self.TERMINAL:
+            rc = None  # held: it never ran to an exit code
         return {"state": state, "returncode": rc,
                 "reason": info.get("Reason")}
 
@@ -683,9 +756,16 @@ def main(argv=None):
         LocalCluster(args.workdir).stop()
     else:
         c = LocalCluster(args.workdir)
+        if not (c._daemon_pid("slurmctld") and c._daemon_pid("slurmd")):
+            print("down")
+            return 1
         print(c.node_state())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ClusterError as e:
+        print(f"localcluster: {e}", file=sys.stderr)
+        sys.exit(1)

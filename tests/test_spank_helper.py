@@ -35,7 +35,6 @@ RUNDIR = "/run/privtmpd-spanktest"
 # namespace and must still find the plugin, slurm.conf and its cwd.
 BASE = "/var/lib/privtmpd-test/spanktest"
 USER = "privtmp1"
-FAKE_TMPDIR = "/somewhere/else"
 
 PROLOG = r"""#!/bin/sh
 # Test Prolog: pin a private mount namespace for the job by hand.
@@ -50,6 +49,7 @@ echo "$id ${mode:=pin}" >> "$RUN/prolog.log"
 case $mode in
 nopin) exit 0 ;;
 stale) : > "$RUN/ns/$id"; exit 0 ;;
+fifo) mkfifo "$RUN/ns/$id"; exit 0 ;;
 netns) : > "$RUN/ns/$id"; exec mount --bind /proc/self/ns/net "$RUN/ns/$id" ;;
 esac
 priv=$RUN/priv/$id
@@ -67,8 +67,11 @@ while [ ! -s "$RUN/holders/$id" ]; do
     i=$((i + 1)); [ $i -gt 1000 ] && exit 1
     sleep 0.01
 done
+ns=/proc/$(cat "$RUN/holders/$id")/ns/mnt
+# symlink: a real namespace, but reached through a symlink.
+[ "$mode" = symlink ] && exec ln -s "$ns" "$RUN/ns/$id"
 : > "$RUN/ns/$id"
-exec mount --bind "/proc/$(cat "$RUN/holders/$id")/ns/mnt" "$RUN/ns/$id"
+exec mount --bind "$ns" "$RUN/ns/$id"
 """
 
 EPILOG = r"""#!/bin/sh
@@ -228,6 +231,18 @@ def mode(cluster):
     cluster.assert_not_drained()
 
 
+@pytest.fixture
+def scratch(cluster):
+    """An existing directory the user may write to, as a site would export
+    in TMPDIR: Slurm keeps such a TMPDIR (it only falls back to /tmp when
+    the directory cannot be created), so only the helper can override it."""
+    d = os.path.join(cluster.user_dir(USER), "scratch")
+    os.makedirs(d, exist_ok=True)
+    pw = localcluster.pwd.getpwnam(USER)
+    os.chown(d, pw.pw_uid, pw.pw_gid)
+    return d
+
+
 def _fields(text):
     """'k=v k2=v2' lines -> list of dicts."""
     rows = []
@@ -250,10 +265,10 @@ REPORT = ('echo "job=$SLURM_JOB_ID marker=$(cat /tmp/marker) '
           'tmpdir=$TMPDIR cwd=$(pwd) ns=$(readlink /proc/self/ns/mnt)"')
 
 
-def test_task_enters_private_tmp(cluster, mode):
+def test_task_enters_private_tmp(cluster, mode, scratch):
     canary = _canary()
     r = cluster.srun(USER, ["-n2", "sh", "-c", REPORT + f"; touch {canary}"],
-                     env={"TMPDIR": FAKE_TMPDIR})
+                     env={"TMPDIR": scratch})
     assert r.returncode == 0, r.stderr + cluster.logs()
     rows = _fields(r.stdout)
     assert len(rows) == 2, r.stdout
@@ -279,9 +294,9 @@ srun sh -c 'echo "later steps=$(wc -l < /tmp/steps)"'
 """
 
 
-def test_batch_script_and_steps_share_private_tmp(cluster, mode):
-    jobid, out = r = cluster.sbatch(USER, BATCH,
-                                    env={"TMPDIR": FAKE_TMPDIR})
+def test_batch_script_and_steps_share_private_tmp(cluster, mode, scratch):
+    jobid, out = r = cluster.sbatch(USER, BATCH, args=["-n2"],
+                                    env={"TMPDIR": scratch})
     assert r.returncode == 0 and r.state == "COMPLETED", out + cluster.logs()
     rows = _fields(out)
     reports = [row for row in rows if "marker" in row]
@@ -300,7 +315,9 @@ def test_batch_script_and_steps_share_private_tmp(cluster, mode):
 @pytest.mark.parametrize("how, expect", [
     ("nopin", "no private namespace for this job"),
     ("stale", "stale pin"),
+    ("fifo", "not a namespace"),
     ("netns", "not a mount namespace"),
+    ("symlink", "Too many levels of symbolic links"),
 ])
 def test_task_fails_without_valid_pin(cluster, mode, how, expect):
     mode(how)
@@ -349,19 +366,19 @@ def test_bad_plugin_arguments_fail_the_task(cluster, mode, args, expect):
     assert "privtmpd: " in r.stderr and expect in r.stderr, r.stderr
 
 
-def test_tmpdir_none_leaves_tmpdir_alone(cluster, mode):
+def test_tmpdir_none_leaves_tmpdir_alone(cluster, mode, scratch):
     cluster.write_plugstack([plugstack_line(
         cluster.plugin, f"rundir={RUNDIR}", "tmpdir=none")])
-    r = cluster.srun(USER, ["sh", "-c", REPORT], env={"TMPDIR": FAKE_TMPDIR})
+    r = cluster.srun(USER, ["sh", "-c", REPORT], env={"TMPDIR": scratch})
     assert r.returncode == 0, r.stderr
     row, = _fields(r.stdout)
     assert row["marker"] == f"private-{row['job']}"
-    assert row["tmpdir"] == FAKE_TMPDIR
+    assert row["tmpdir"] == scratch
 
 
 def test_node_not_drained_and_pins_released(cluster, mode):
     # Every failure mode above, back to back, then a good job.
-    for how in ("nopin", "stale", "netns"):
+    for how in ("nopin", "stale", "fifo", "netns", "symlink"):
         mode(how)
         assert cluster.srun(USER, ["true"]).returncode != 0
     mode("nopin")

@@ -1,0 +1,38 @@
+#!/bin/bash
+# Install what privtmpd, its tests and its demo need on a Debian/Ubuntu
+# machine (as root), and a virtualenv with the Python dependencies in
+# $REPO/.venv.  Idempotent and quick when everything is already there.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+[ "$(id -u)" = 0 ] || { echo "bootstrap: run as root (it installs packages and creates namespaces)" >&2; exit 1; }
+
+PKGS="slurmctld slurmd slurm-client munge libslurm-dev gcc make python3 python3-venv python3-pip
+      util-linux e2fsprogs strace procps iproute2"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "bootstrap: installing:$missing"
+    # Package scripts must not start services: the demo and tests start
+    # munge and Slurm themselves (there may be no systemd).
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x "$REPO/.venv/bin/python" ] || ! "$REPO/.venv/bin/python" -c 'import daemon, psutil, pytest, hypothesis' 2>/dev/null; then
+    echo "bootstrap: creating $REPO/.venv"
+    "$PY" -m venv "$REPO/.venv"
+    "$REPO/.venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+    "$REPO/.venv/bin/pip" install -q -e "$REPO[test]"
+fi
+make -s -C "$REPO/spank" >/dev/null
+echo "bootstrap: ready ($("$REPO/.venv/bin/python" --version), $(slurmd -V 2>/dev/null))"
