@@ -12,7 +12,7 @@ import stat
 import sys
 import time
 
-from . import __version__, config, kernel, names, namespace, safefs
+from . import __version__, config, kernel, names, safefs
 from .client import ClientError, request
 
 EXIT_FAIL, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3

@@ -16,7 +16,6 @@ startup() reconciles them after a restart, a crash or a reboot.
 """
 
 import argparse
-import errno
 import json
 import logging
 import logging.handlers

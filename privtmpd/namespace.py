@@ -350,9 +350,9 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
             if not ready:
                 raise NamespaceError(f"namespace setup timed out after {timeout:.0f} s")
             try:
-                err, msg = json.loads(line)
+                _err, msg = json.loads(line)
             except ValueError:
-                err, msg = errno.EIO, "namespace child died without a report"
+                msg = "namespace child died without a report"
             raise NamespaceError(msg)
         _pin(cfg, job, pid)
         state["ns"] = list(pin_identity(cfg, job))

@@ -8,24 +8,16 @@ such skip into a failure.
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from privtmpd import client, config, namespace  # noqa: E402
+from harness import (DaemonProc, REPO, TEST_BASE_PARENT, TEST_RUN,  # noqa: E402,F401
+                     clean_leftovers, nsenter)
 
 REQUIRE = os.environ.get("PRIVTMPD_REQUIRE_PRIVILEGED") == "1"
-# Everything the tests create lives under these, so leftovers of an
-# interrupted run are found and removed by the next one.
-TEST_RUN = "/run/privtmpd-test"
-TEST_BASE_PARENT = "/var/lib/privtmpd-test/base"
 
 
 def privileged_skip(reason):
@@ -44,147 +36,11 @@ def pytest_runtest_setup(item):
                 privileged_skip(f"{tool} not installed (apt-get install slurmctld slurmd slurm-client munge)")
 
 
-def _umount_under(prefix):
-    with open("/proc/self/mountinfo") as f:
-        mps = [line.split()[4] for line in f]
-    for mp in sorted((m for m in mps if m.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
-
-
-def clean_leftovers():
-    """Remove what an interrupted earlier run may have left: daemons started
-    by the tests (found by their config under TEST_RUN), pins, directories."""
-    for pidfile in _glob(TEST_RUN, ".pid"):
-        try:
-            pid = int(open(pidfile).read())
-            os.kill(pid, signal.SIGKILL)
-        except (ValueError, OSError):
-            pass
-    if os.path.isdir(TEST_RUN):
-        _umount_under(TEST_RUN)
-    if os.path.isdir(TEST_BASE_PARENT):
-        _umount_under(TEST_BASE_PARENT)
-        shutil.rmtree(TEST_BASE_PARENT, ignore_errors=True)
-    shutil.rmtree(TEST_RUN, ignore_errors=True)
-
-
-def _glob(top, suffix):
-    out = []
-    for dirpath, _, files in os.walk(top):
-        out += [os.path.join(dirpath, f) for f in files if f.endswith(suffix)]
-    return out
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _session_leftovers():
     if os.geteuid() == 0:
         clean_leftovers()
     yield
-
-
-class DaemonProc:
-    """A real privtmpd started in the foreground on its own rundir and base."""
-
-    def __init__(self, name, extra="", base_parent=None):
-        self.name = name
-        self.rundir = f"{TEST_RUN}/{name}"
-        self.base_parent = base_parent or f"{TEST_BASE_PARENT}/{name}"
-        self.conf_path = f"{TEST_RUN}/{name}.conf"
-        self.log_path = f"{TEST_RUN}/{name}.log"
-        self.pidfile = f"{TEST_RUN}/{name}.pid"
-        self.text = f"base={self.base_parent}/job\nmount=/tmp mount=/var/tmp\nrundir={self.rundir}\n{extra}\n"
-        self.proc = None
-
-    @property
-    def cfg(self):
-        return config.parse(self.text, self.conf_path)
-
-    @property
-    def socket(self):
-        return self.cfg.socket_path
-
-    def start(self, wait=True):
-        os.makedirs(TEST_RUN, mode=0o755, exist_ok=True)
-        if not os.path.isdir(self.base_parent):
-            os.makedirs(self.base_parent, mode=0o755)
-            os.chmod(self.base_parent, 0o1777)   # like /tmp: world-writable, sticky
-        with open(self.conf_path, "w") as f:
-            f.write(self.text)
-        self.logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "privtmpd.daemon", "--foreground",
-                                      "--config", self.conf_path], cwd=REPO,
-                                     stdout=self.logf, stderr=subprocess.STDOUT)
-        with open(self.pidfile, "w") as f:
-            f.write(str(self.proc.pid))
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"privtmpd exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if client.request({"op": "status"}, self.socket, timeout=5, retry=0)["ok"]:
-                    return
-            except client.ClientError:
-                time.sleep(0.05)
-        raise RuntimeError(f"privtmpd not ready after {timeout}s:\n{self.log()}")
-
-    def request(self, **msg):
-        return client.request(msg, self.socket, timeout=60, retry=5)
-
-    def create(self, job, uid=65534, gid=65534, restart=0):
-        return self.request(op="create", job=str(job), restart=str(restart), uid=str(uid), gid=str(gid))
-
-    def destroy(self, job, restart=None):
-        msg = {"op": "destroy", "job": str(job)}
-        if restart is not None:
-            msg["restart"] = str(restart)
-        return self.request(**msg)
-
-    def pin(self, job):
-        return f"{self.rundir}/ns/{job}"
-
-    def job_dir(self, job, restart=0):
-        return f"{self.base_parent}/job.{job}.{restart}"
-
-    def wait_removals(self, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.request(op="status")
-            if not st["removals_queued"] and not st["removals_running"]:
-                return
-            time.sleep(0.05)
-        raise AssertionError("background removals did not finish")
-
-    def stop(self, sig=signal.SIGTERM, timeout=10):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout)
-        return self.proc.returncode if self.proc else None
-
-    def kill(self):
-        return self.stop(signal.SIGKILL)
-
-    def log(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-5000:]
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self):
-        self.kill()
-        cfg = self.cfg
-        if os.path.isdir(f"{self.rundir}/ns"):
-            for job in namespace.list_pins(cfg):
-                namespace.unpin(cfg, job)
-        _umount_under(self.rundir)
-        shutil.rmtree(self.rundir, ignore_errors=True)
-        _umount_under(self.base_parent)
-        shutil.rmtree(self.base_parent, ignore_errors=True)
 
 
 @pytest.fixture
@@ -207,9 +63,3 @@ def daemon(daemon_factory):
     return daemon_factory()
 
 
-def nsenter(pin, *cmd, user=None, check=True):
-    """Run cmd inside a pinned namespace (as nsenter(1) would), optionally as user."""
-    argv = ["nsenter", f"--mount={pin}", "--"]
-    if user:
-        argv += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-    return subprocess.run(argv + list(cmd), capture_output=True, text=True, check=check)

@@ -56,7 +56,8 @@ def short_hostname():
 
 
 def _which(name):
-    path = shutil.which(name, path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
+    path = shutil.which(name,
+                        path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
     if not path:
         raise ClusterError(f"{name} not found (install slurmctld, slurmd, "
                            "slurm-client and munge)")
@@ -308,8 +309,8 @@ class LocalCluster:
         """
         if lines is not None:
             self.plugstack_lines = list(lines)
-        self._write(self.plugstack,
-                    "".join(line.strip() + "\n" for line in self.plugstack_lines))
+        text = "".join(line.strip() + "\n" for line in self.plugstack_lines)
+        self._write(self.plugstack, text)
 
     @staticmethod
     def _unlink(path):
@@ -345,8 +346,8 @@ class LocalCluster:
             try:
                 pwd.getpwnam(user)
             except KeyError:
-                subprocess.run([_which("useradd"), "-m", "-s", "/bin/sh", user],
-                               check=True, capture_output=True)
+                subprocess.run([_which("useradd"), "-m", "-s", "/bin/sh",
+                                user], check=True, capture_output=True)
             pw = pwd.getpwnam(user)
             d = self.user_dir(user)
             if os.path.islink(d):

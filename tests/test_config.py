@@ -222,6 +222,9 @@ _VALUES = st.one_of(
                      "10%", "512m", "0", "-1", "nan", "inf", "/tmp/", "/tmp/../x", "/var_tmp",
                      "1e400", "7" * 5000, "\u0661", "1_0"]),
     st.text(max_size=20),
+    # Long digit strings: int() refuses more than 4300 digits with a plain ValueError.
+    st.tuples(st.sampled_from("190"), st.sampled_from([1, 3, 20, 21, 4300, 4301, 6000]), st.sampled_from(["", "m", "%", "g"]))
+      .map(lambda t: t[0] * t[1] + t[2]),
 )
 
 
@@ -237,8 +240,24 @@ def config_texts(draw):
     return "\n".join(lines)
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.text(max_size=200), config_texts()))
+_GOOD = {"base": "/tmp/slurm", "mount": "/tmp", "rundir": "/run/pt", "socket": "/run/pt/s",
+         "mode": "0700", "shm": "64m", "tmpdir": "/tmp", "remove_workers": "2", "kill_timeout": "5",
+         "metrics_dir": "/var/lib/m"}
+
+
+def one_key_per_line():
+    # Every key at most once and always key=value, mostly with good values,
+    # so that a bad value usually gets past the other checks and reaches its
+    # own validation.
+    keys = st.lists(st.sampled_from(sorted(config._KEYS)), unique=True, max_size=len(config._KEYS))
+
+    def line(k):
+        return st.one_of(st.just(_GOOD[k]), st.just(_GOOD[k]), _VALUES).map(lambda v: f"{k}={v}")
+    return keys.flatmap(lambda ks: st.tuples(*[line(k) for k in ks])).map("\n".join)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.text(max_size=200), config_texts(), one_key_per_line()))
 def test_parse_raises_only_config_error(text):
     try:
         cfg = config.parse(text, "f")
@@ -250,6 +269,16 @@ def test_parse_raises_only_config_error(text):
         assert p.startswith("/") and p != "/" and os.path.normpath(p) == p
     assert len({d for _, d in cfg.mount_plan()}) == len(cfg.mounts)
     assert cfg.mode & 0o700 == 0o700 and not cfg.mode & ~0o1777
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(sorted(config._KEYS)), _VALUES)
+def test_any_single_value_raises_only_config_error(key, value):
+    text = f"mount=/tmp\n{key}={value}\n" if key != "mount" else f"mount={value}\n"
+    try:
+        config.parse(text, "f")
+    except ConfigError as e:
+        assert str(e).startswith("f:"), str(e)
 
 
 # --- check_filesystem (needs root to make root- and user-owned dirs) ---------

@@ -13,13 +13,13 @@ otherwise, unless PRIVTMPD_REQUIRE_PRIVILEGED=1, which turns the skip into a
 failure (for CI, where a silently skipped suite would prove nothing).
 """
 
+import glob
 import os
+import pwd
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import pytest
@@ -175,6 +175,8 @@ def _setup_rundir():
 def plugin():
     _require()
     os.makedirs(BASE, mode=0o755, exist_ok=True)
+    for old in glob.glob(os.path.join(BASE, "lib-*")):  # interrupted runs
+        shutil.rmtree(old, ignore_errors=True)
     d = tempfile.mkdtemp(prefix="lib-", dir=BASE)
     os.chmod(d, 0o755)  # srun loads the plugin as the job user
     try:
@@ -238,7 +240,7 @@ def scratch(cluster):
     the directory cannot be created), so only the helper can override it."""
     d = os.path.join(cluster.user_dir(USER), "scratch")
     os.makedirs(d, exist_ok=True)
-    pw = localcluster.pwd.getpwnam(USER)
+    pw = pwd.getpwnam(USER)
     os.chown(d, pw.pw_uid, pw.pw_gid)
     return d
 
