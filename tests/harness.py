@@ -3,7 +3,6 @@ daemon on its own run directory and base, and cleanup of what an
 interrupted run left behind.  No pytest imports here."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,10 +38,21 @@ def clean_leftovers():
             pass
     if os.path.isdir(TEST_RUN):
         _umount_under(TEST_RUN)
-    if os.path.isdir(TEST_BASE_PARENT):
-        _umount_under(TEST_BASE_PARENT)
-        shutil.rmtree(TEST_BASE_PARENT, ignore_errors=True)
-    shutil.rmtree(TEST_RUN, ignore_errors=True)
+    for top in (TEST_BASE_PARENT, TEST_RUN):
+        if os.path.isdir(top):
+            _umount_under(top)
+            _remove(top)
+
+
+def _remove(path):
+    # Our own removal: iterative (shutil.rmtree recurses and fails on the
+    # 100 000-level trees some tests make), never follows symlinks.
+    from privtmpd import safefs
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        safefs.remove_tree(fd, os.path.basename(path))
+    finally:
+        os.close(fd)
 
 
 def _glob(top, suffix):
@@ -151,10 +161,10 @@ class DaemonProc:
         if os.path.isdir(f"{self.rundir}/ns"):
             for job in namespace.list_pins(cfg):
                 namespace.unpin(cfg, job)
-        _umount_under(self.rundir)
-        shutil.rmtree(self.rundir, ignore_errors=True)
-        _umount_under(self.base_parent)
-        shutil.rmtree(self.base_parent, ignore_errors=True)
+        for top in (self.rundir, self.base_parent):
+            if os.path.isdir(top):
+                _umount_under(top)
+                _remove(top)
 
 
 def nsenter(pin, *cmd, user=None, check=True):
@@ -175,8 +185,12 @@ class Stack:
     def __init__(self, name="e2e", extra_conf="", daemon_extra=""):
         from localcluster import LocalCluster
         self.daemon = DaemonProc(name, daemon_extra)
-        subprocess.run(["make", "-s", "-C", os.path.join(REPO, "spank")], check=True)
-        self.so = os.path.join(REPO, "spank", "privtmpd_spank.so")
+        # The helper is built outside the checkout: a checkout under /tmp
+        # would be hidden inside jobs, and srun in a batch job loads it there.
+        libdir = f"/var/lib/privtmpd-test/lib-{name}"
+        os.makedirs(libdir, exist_ok=True)
+        subprocess.run(["make", "-s", "-C", os.path.join(REPO, "spank"), f"BUILDDIR={libdir}"], check=True)
+        self.so = os.path.join(libdir, "privtmpd_spank.so")
         hookdir = f"/var/lib/privtmpd-test/hooks-{name}"
         os.makedirs(hookdir, exist_ok=True)
         hooks = {}

@@ -20,8 +20,11 @@ and from the shell::
 
 Every Slurm daemon on the machine is assumed to belong to this harness: a
 start first kills any slurmctld, slurmd or slurmstepd left over from an
-interrupted run and wipes the controller's saved state, so old jobs never
-come back.
+interrupted run (with the job processes under its steps) and wipes the
+controller's saved state, so old jobs never come back.  A cluster that is
+still in use by another live process (a second test run on the same
+machine) is not a leftover: start() waits for its flock on LOCK_PATH.  The
+`up` command does not hold that lock once it returns.
 
 Nothing here may live under /tmp, /var/tmp or /dev/shm: those are the
 directories privtmpd replaces inside jobs, and the job's working directory,
@@ -29,6 +32,7 @@ its output file, slurm.conf and any SPANK plugin must stay visible in there.
 """
 
 import argparse
+import fcntl
 import os
 import pwd
 import shutil
@@ -43,6 +47,11 @@ TEST_USERS = ("privtmp1", "privtmp2")
 PRIVATIZED = ("/tmp", "/var/tmp", "/dev/shm")
 MUNGE_KEY = "/etc/munge/munge.key"
 MUNGE_RUNDIR = "/run/munge"
+# One cluster per machine (fixed ports, one node name): whoever holds this
+# lock owns the Slurm daemons.  A crashed holder releases it with its last
+# fd, so its daemons become leftovers that the next start() kills.
+LOCK_PATH = "/run/lock/privtmpd-localcluster.lock"
+_lock = {"fd": None, "owner": None}
 # Where the binaries live; PATH under sudo/pytest does not always have sbin.
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -145,6 +154,45 @@ def _kill_and_wait(pids, timeout=10.0, sig=signal.SIGTERM):
     deadline = time.monotonic() + 5
     while any(_proc_name(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def _acquire_machine_lock(owner, timeout):
+    """Wait for the machine-wide cluster lock; within one process a new
+    cluster simply takes over from the previous one."""
+    if _lock["fd"] is not None:
+        prev, _lock["owner"] = _lock["owner"], owner
+        if prev is not None and prev is not owner:
+            prev.stop_daemons()
+        return
+    os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                print(f"localcluster: {LOCK_PATH} still held after "
+                      f"{timeout}s; taking the machine over", file=sys.stderr)
+                break
+            if not said:
+                with open(LOCK_PATH) as f:
+                    holder = f.read().strip() or "?"
+                print(f"localcluster: another test cluster (pid {holder}) "
+                      "is running; waiting for it", file=sys.stderr)
+                said = True
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _lock.update(fd=fd, owner=owner)
+
+
+def _release_machine_lock(owner):
+    if _lock["owner"] is owner and _lock["fd"] is not None:
+        os.close(_lock["fd"])  # drops the flock
+        _lock.update(fd=None, owner=None)
 
 
 def _tail(path, lines=30):
@@ -423,9 +471,14 @@ class LocalCluster:
                        sig=signal.SIGKILL)
         _kill_and_wait(_pids_named(("slurmd", "slurmctld")), timeout=10)
 
-    def start(self, timeout=30):
+    def start(self, timeout=30, lock_timeout=600):
+        """Start the cluster (after killing any leftover Slurm daemons).
+
+        Waits up to lock_timeout seconds while another process on this
+        machine runs a test cluster, instead of killing it."""
         if self._procs:
             raise ClusterError("cluster already started")
+        _acquire_machine_lock(self, lock_timeout)
         ensure_hosts_entry(self.host)
         self.kill_stale_daemons()
         self.write_config()
@@ -493,25 +546,30 @@ class LocalCluster:
         pids = {name: p.pid for name, p in procs.items()}
         for name in ("slurmd", "slurmctld"):
             pids.setdefault(name, self._read_pidfile(name))
+        ours = False
         # slurmd first, so it does not try to re-register.
         for name in ("slurmd", "slurmctld"):
             pid = pids.get(name)
             if pid and _proc_name(pid) == name:
+                ours = True
                 _kill_and_wait([pid], timeout=10)
             if name in procs:
+                ours = True
                 try:
                     procs[name].wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
-        # Steps of jobs still running (and their tasks) belong to us too.
-        stepds = _pids_named(("slurmstepd",))
-        _kill_and_wait(stepds + _descendants(stepds), timeout=2,
-                       sig=signal.SIGKILL)
+        if ours:
+            # Steps of jobs still running (and their tasks) were ours too.
+            stepds = _pids_named(("slurmstepd",))
+            _kill_and_wait(stepds + _descendants(stepds), timeout=2,
+                           sig=signal.SIGKILL)
         pid = self._read_pidfile("munged")
         if pid and _proc_name(pid) == "munged":
             _kill_and_wait([pid], timeout=10)
         for name in ("slurmctld", "slurmd", "munged"):
             self._unlink(self.pidfile(name))
+        _release_machine_lock(self)
 
     def _daemon_pid(self, name):
         """PID of our running daemon `name`, from Popen or the pid file."""

@@ -62,7 +62,8 @@ srun -n2 sh -c 'cat /tmp/batch-file && echo task-$SLURM_PROCID > /tmp/task-$SLUR
 srun --overlap -n1 sh -c 'echo LATER: $(ls /tmp | sort | tr "\\n" " ")'
 echo VARTMP: $(ls /var/tmp)
 """
-    jobid, _ = c.sbatch(U1, script, args=["-n2"], wait=False, env={"TMPDIR": "/somewhere/shared"})
+    # An existing, writable TMPDIR from the submit side: Slurm would keep it.
+    jobid, _ = c.sbatch(U1, script, args=["-n2"], wait=False, env={"TMPDIR": c.user_dir(U1)})
     jdir = stack.job_dir(jobid)
     _wait_for(lambda: os.path.exists(f"{jdir}/tmp/batch-file"), what="the job's file on the host")
     # On the host the job's files are in $base.$jobid.0/<mount>, owned by the user...
