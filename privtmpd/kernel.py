@@ -79,9 +79,26 @@ class KernelError(OSError):
         return self.strerror
 
 
+_ERRNO_CLASSES = {}
+
+
+def _error(err, syscall, path=""):
+    """A KernelError that is also the built-in OSError subclass for err
+    (FileNotFoundError for ENOENT, ...), as os.* functions raise: callers
+    write `except FileNotFoundError` around openat2 just as around os.open,
+    and a plain KernelError would slip past those handlers."""
+    builtin = type(OSError(err, ""))
+    if builtin is OSError:
+        return KernelError(err, syscall, path)
+    cls = _ERRNO_CLASSES.get(builtin)
+    if cls is None:
+        cls = _ERRNO_CLASSES[builtin] = type(f"Kernel{builtin.__name__}", (KernelError, builtin), {})
+    return cls(err, syscall, path)
+
+
 def _check(ret, syscall, path=""):
     if ret < 0:
-        raise KernelError(ctypes.get_errno(), syscall, path)
+        raise _error(ctypes.get_errno(), syscall, path)
     return ret
 
 

@@ -299,6 +299,8 @@ def remove_tree(parent_fd, name, stats=None):
     try:
         os.rmdir(name, dir_fd=parent_fd)
         stats.dirs += 1
+    except FileNotFoundError:
+        pass                    # removed by another worker meanwhile: done
     except OSError as e:
         stats.fail("rmdir", name, e.errno)
     return stats
@@ -335,6 +337,8 @@ def _empty(top, stats):
                     counter += 1
                     try:
                         os.rename(nm, f".deep.{counter}.{_nonce()}", src_dir_fd=fd, dst_dir_fd=top)
+                    except FileNotFoundError:
+                        pass
                     except OSError as e:
                         stats.fail("renameat", nm, e.errno)
                     continue

@@ -23,25 +23,42 @@ TEST_BASE_PARENT = "/var/lib/privtmpd-test/base"
 def _umount_under(prefix):
     with open("/proc/self/mountinfo") as f:
         mps = [line.split()[4] for line in f]
-    for mp in sorted((m for m in mps if m.startswith(prefix)), key=len, reverse=True):
+    inside = [m for m in mps if m == prefix or m.startswith(prefix.rstrip("/") + "/")]
+    for mp in sorted(inside, key=len, reverse=True):
         subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
 
 
+def _alive(pidfile):
+    try:
+        pid = int(open(pidfile).read())
+        os.kill(pid, 0)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
 def clean_leftovers():
-    """Remove what an interrupted earlier run may have left: daemons started
-    by the tests (found by their config under TEST_RUN), pins, directories."""
-    for pidfile in _glob(TEST_RUN, ".pid"):
-        try:
-            pid = int(open(pidfile).read())
-            os.kill(pid, signal.SIGKILL)
-        except (ValueError, OSError):
-            pass
+    """Remove what an interrupted earlier run left: pins, mounts and
+    directories of test daemons that are no longer running.  State of a
+    daemon that is still alive (another test session) is left alone."""
+    live = set()
     if os.path.isdir(TEST_RUN):
-        _umount_under(TEST_RUN)
-    for top in (TEST_BASE_PARENT, TEST_RUN):
-        if os.path.isdir(top):
-            _umount_under(top)
-            _remove(top)
+        for f in os.listdir(TEST_RUN):
+            if f.endswith(".pid") and _alive(os.path.join(TEST_RUN, f)):
+                live.add(f[:-4])
+    for top in (TEST_RUN, TEST_BASE_PARENT):
+        if not os.path.isdir(top):
+            continue
+        for name in os.listdir(top):
+            stem = name.rsplit(".", 1)[0] if name.endswith((".pid", ".conf", ".log")) else name
+            if stem in live:
+                continue
+            path = os.path.join(top, name)
+            _umount_under(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                _remove(path)
+            else:
+                os.unlink(path)
 
 
 def _remove(path):
@@ -53,13 +70,6 @@ def _remove(path):
         safefs.remove_tree(fd, os.path.basename(path))
     finally:
         os.close(fd)
-
-
-def _glob(top, suffix):
-    out = []
-    for dirpath, _, files in os.walk(top):
-        out += [os.path.join(dirpath, f) for f in files if f.endswith(suffix)]
-    return out
 
 
 class DaemonProc:

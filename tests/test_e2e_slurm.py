@@ -41,7 +41,10 @@ def _wait_for(pred, timeout=60, what="condition"):
 def _gate(stack, user, name):
     """A file in the user's work directory: the job waits for it, so the
     test can look at the host side while the job runs."""
-    return os.path.join(stack.cluster.user_dir(user), name)
+    path = os.path.join(stack.cluster.user_dir(user), name)
+    if os.path.exists(path):
+        os.unlink(path)     # left by an earlier run
+    return path
 
 
 def _release(path):
@@ -156,4 +159,8 @@ def test_job_without_namespace_fails_instead_of_using_host_tmp(stack):
         stack.daemon.start()
     assert "ran" not in r.stdout
     assert not os.path.exists("/tmp/leak-check")
+    assert "Prolog" in c.node_info().get("Reason", "") or "DRAIN" in c.node_state().upper()
     c.scontrol("update", f"nodename={c.host}", "state=resume")
+    # slurmctld flags a resumed node NOT_RESPONDING until its next ping.
+    c.scontrol("reconfigure")
+    _wait_for(lambda: "NOT_RESPONDING" not in c.node_info().get("State", ""), what="the node to respond")

@@ -544,9 +544,11 @@ while True:
 
 
 def test_concurrent_removals_of_one_tree(work):
-    """After a daemon crash its orphaned worker may still be removing a tree
-    when the restarted daemon starts removing the same tree: both must
-    finish without reporting the other's progress as failures."""
+    """Two removers on one tree (a worker orphaned by a crashed daemon and
+    the restarted daemon's): entries vanishing under one of them are not
+    errors, and the tree goes.  One of them may find the top directory
+    refilled by the other's moved-up deep subtrees and report that
+    rmdir; nothing else."""
     tmp = make_job(work)
     for i in range(40):
         os.makedirs(f"{tmp}/d{i}/e")
@@ -575,7 +577,9 @@ def test_concurrent_removals_of_one_tree(work):
             results.append(pickle.loads(f.read()))
     assert os.listdir(work.parent) == []
     for failures, skipped, errors in results:
-        assert (failures, skipped) == (0, 0), errors
+        assert failures >= 0, errors          # -1: remove_tree raised
+        assert skipped == 0
+        assert set(errors) <= {"rmdir('job.3.0'): Directory not empty"}, errors
 
 
 def test_open_dir_refuses_symlinked_component(work):
