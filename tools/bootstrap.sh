@@ -31,8 +31,13 @@ PY=${PYTHON:-python3}
 if [ ! -x "$REPO/.venv/bin/python" ] || ! "$REPO/.venv/bin/python" -c 'import daemon, psutil, pytest, hypothesis' 2>/dev/null; then
     echo "bootstrap: creating $REPO/.venv"
     "$PY" -m venv "$REPO/.venv"
-    "$REPO/.venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-    "$REPO/.venv/bin/pip" install -q -e "$REPO[test]"
+    log=$(mktemp)
+    if ! "$REPO/.venv/bin/pip" install -q -e "$REPO[test]" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "bootstrap: pip install failed" >&2
+        exit 1
+    fi
+    rm -f "$log"
 fi
 make -s -C "$REPO/spank" >/dev/null
 echo "bootstrap: ready ($("$REPO/.venv/bin/python" --version), $(slurmd -V 2>/dev/null))"
