@@ -262,7 +262,7 @@ def check_filesystem(cfg):
     # job directories in it.
     cur = ""
     for part in [""] + cfg.base_parent.strip("/").split("/"):
-        cur = (cur + "/" + part) if part else "/"
+        cur = (cur.rstrip("/") + "/" + part) if part else "/"
         st = os.lstat(cur)
         if st.st_uid != 0:
             raise ConfigError(f"{where}: base={cfg.base}: {cur} is owned by uid {st.st_uid}; every "

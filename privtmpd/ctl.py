@@ -1,22 +1,30 @@
 """privtmpctl: the admin's view of privtmpd on one node.
 
-Exit codes: 0 success; 1 the operation failed or `doctor` found a problem;
-2 bad usage; 3 the daemon cannot be reached.  Errors become one-line
+Human-readable output by default, --json for scripts.  Exit codes: 0
+success; 1 the operation failed or `doctor` found a problem; 2 bad usage;
+3 the daemon cannot be reached.  Progress of long operations goes to
+stderr, and only when stderr is a terminal.  Errors become one-line
 messages in main() only.
 """
 
 import argparse
 import json
 import os
+import pwd
 import stat
 import sys
 import time
 
 from . import __version__, config, kernel, names, safefs
-from .client import ClientError, request
+from .client import DEFAULT_SOCKET, ClientError, request
 
-EXIT_FAIL, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 _SRC_TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Stable locations that packages (see packaging/privtmpd.spec) give the hooks
+# and the entry helper, so slurm.conf and plugstack.conf survive a Python
+# upgrade that moves site-packages.
+LIBEXEC_DIRS = ("/usr/libexec/privtmpd",)
+SPANK_DIRS = ("/usr/lib64/privtmpd", "/usr/lib/privtmpd", "/usr/local/lib/privtmpd")
 
 
 class CtlError(Exception):
@@ -27,8 +35,7 @@ class CtlError(Exception):
 
 # --- where things are installed -------------------------------------------
 
-def hook_path(kind):
-    """Absolute path of the Prolog/Epilog script of this installation."""
+def _package_hook(kind):
     try:
         from . import hooks
         here = os.path.dirname(os.path.abspath(hooks.__file__))
@@ -37,11 +44,21 @@ def hook_path(kind):
     return os.path.join(here, f"{kind}.py")
 
 
+def hook_path(kind):
+    """Absolute path of the Prolog/Epilog script of this installation."""
+    pkg = _package_hook(kind)
+    for d in LIBEXEC_DIRS:
+        cand = os.path.join(d, f"{kind}.py")
+        if os.path.exists(cand) and os.path.realpath(cand) == os.path.realpath(pkg):
+            return cand
+    return pkg
+
+
 def spank_path():
-    for cand in (os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", "privtmpd_spank.so"),
-                 os.path.join(_SRC_TOP, "spank", "privtmpd_spank.so"),
-                 "/usr/lib64/privtmpd/privtmpd_spank.so", "/usr/lib/privtmpd/privtmpd_spank.so",
-                 "/usr/local/lib/privtmpd/privtmpd_spank.so"):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in ([os.path.join(d, "privtmpd_spank.so") for d in SPANK_DIRS]
+                 + [os.path.join(here, "lib", "privtmpd_spank.so"),
+                    os.path.join(_SRC_TOP, "spank", "privtmpd_spank.so")]):
         if os.path.exists(cand):
             return cand
     return None
@@ -54,13 +71,14 @@ def plugstack_line(cfg, so=None):
 
 # --- helpers ---------------------------------------------------------------
 
-def _ask(cfg, msg):
+def _ask(cfg, msg, timeout=120):
     try:
-        reply = request(msg, cfg.socket_path, timeout=120, retry=0)
+        reply = request(msg, cfg.socket_path, timeout=timeout, retry=0)
     except ClientError as e:
         raise CtlError(str(e), EXIT_UNREACHABLE) from None
     if not reply.get("ok"):
         raise CtlError(reply.get("error", "privtmpd refused the request"))
+    reply.pop("ok", None)
     return reply
 
 
@@ -71,13 +89,52 @@ def _human(n):
         n /= 1024
 
 
-def _age(t):
-    s = max(0, int(time.time() - t))
-    return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60:02d}m" \
-        if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def _age(seconds):
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s"
 
 
-def tree_usage(path, limit=2_000_000):
+def _user_name(j):
+    if j.get("user"):
+        return j["user"]
+    uid = j.get("uid")
+    if uid is None:
+        return "-"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class Progress:
+    """One self-overwriting status line on stderr, only on a terminal."""
+
+    def __init__(self, enabled=None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.last = 0.0
+        self.shown = False
+
+    def show(self, text, force=False):
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < 0.2):
+            return
+        self.last = now
+        sys.stderr.write(f"\r\033[K{text}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self, text=""):
+        if self.enabled and (self.shown or text):
+            sys.stderr.write(f"\r\033[K{text}" + ("\n" if text else ""))
+            sys.stderr.flush()
+        self.shown = False
+
+
+def tree_usage(path, limit=10_000_000, progress=None, label=""):
     """(bytes, entries) under path, walked fd-relative without following
     symlinks or crossing mounts (the same rules as removal)."""
     try:
@@ -102,6 +159,8 @@ def tree_usage(path, limit=2_000_000):
                                 stack.append(safefs._open_child_dir(fd, e.name))
                             except OSError:
                                 pass
+                        if progress and not count % 1000:
+                            progress.show(f"measuring {label}: {count} entries, {_human(total)}")
             finally:
                 os.close(fd)
     finally:
@@ -121,9 +180,22 @@ def _print_json(obj):
     print()
 
 
+def _job_arg(text):
+    try:
+        return names.parse_job_id(text)
+    except names.BadName as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _need_root():
+    if os.geteuid() != 0:
+        raise CtlError("must run as root (the daemon's socket and the job namespaces are root's)")
+
+
 # --- commands --------------------------------------------------------------
 
 def cmd_status(cfg, args):
+    _need_root()
     st = _ask(cfg, {"op": "status"})
     vfs = os.statvfs(cfg.base_parent)
     st["base_free_bytes"] = vfs.f_bavail * vfs.f_frsize
@@ -132,184 +204,275 @@ def cmd_status(cfg, args):
     if args.json:
         return _print_json(st)
     c = st["config"]
-    print(f"privtmpd {st['version']} running, pid {st['pid']}, up {_age(time.time() - st['uptime'])}")
+    print(f"privtmpd {st['version']} running, pid {st['pid']}, up {_age(st['uptime'])}")
     print(f"config:   {c['source']}")
     print(f"base:     {c['base']}.<job>.<restart>   mounts: {' '.join(c['mounts'])}   shm: {c['shm']}")
-    print(f"jobs:     {st['jobs']} active; removals: {st['removals_running']} running, {st['removals_queued']} queued")
+    print(f"jobs:     {st['jobs']} active; removals: {st['removals_running']} running, "
+          f"{st['removals_queued']} queued")
     print(f"disk:     {_human(st['base_free_bytes'])} free of {_human(st['base_size_bytes'])} "
           f"on {cfg.base_parent}, {st['base_free_inodes']} inodes free")
+    if c.get("metrics_dir"):
+        print(f"metrics:  {c['metrics_dir']}/privtmpd.prom")
 
 
-def _jobs(cfg, op, job=None):
+def _jobs(cfg, op, job=None, usage=True):
     msg = {"op": op}
     if job is not None:
         msg["job"] = str(job)
     reply = _ask(cfg, msg)
+    now = time.time()
+    progress = Progress()
     for j in reply["jobs"]:
-        j["bytes"], j["entries"] = tree_usage(j["dir"]) if j.get("dir") else (0, 0)
+        if usage and j.get("dir"):
+            j["bytes"], j["entries"] = tree_usage(j["dir"], progress=progress, label=f"job {j['job']}")
+        else:
+            j["bytes"], j["entries"] = None, None
+        j["age_seconds"] = round(now - j["created"], 1) if j.get("created") else None
+        j["user"] = _user_name(j)
+    progress.done()
     return reply
 
 
 def cmd_list(cfg, args):
-    reply = _jobs(cfg, "list")
+    _need_root()
+    reply = _jobs(cfg, "list", usage=not args.no_usage)
     if args.json:
         return _print_json(reply)
-    rows = [[j.get("job"), j.get("restart", "-"), j.get("user") or j.get("uid", "-"),
-             _age(j["created"]) if j.get("created") else "-", _human(j["bytes"]), j["entries"],
-             len(j["processes"]), j.get("state", "?") + ("" if j["pinned"] else " (no pin!)")]
-            for j in reply["jobs"]]
-    _table(rows, ["JOB", "RESTART", "USER", "AGE", "SIZE", "FILES", "PROCS", "STATE"])
+    if not reply["jobs"]:
+        print("no job namespaces on this node")
+    else:
+        rows = [[j.get("job"), j.get("restart", "-"), j["user"],
+                 _age(j["age_seconds"]) if j["age_seconds"] is not None else "-",
+                 "-" if j["bytes"] is None else _human(j["bytes"]), "-" if j["entries"] is None else j["entries"],
+                 len(j.get("processes", [])), j.get("state", "?") + ("" if j.get("pinned") else " (no pin!)")]
+                for j in reply["jobs"]]
+        _table(rows, ["JOB", "RESTART", "USER", "AGE", "SIZE", "FILES", "PROCS", "STATE"])
     if reply["removals"]:
-        print(f"\nbeing removed: {len(reply['removals'])} director{'y' if len(reply['removals']) == 1 else 'ies'}")
+        n = len(reply["removals"])
+        print(f"\nbeing removed: {n} director{'y' if n == 1 else 'ies'}")
 
 
 def cmd_show(cfg, args):
+    _need_root()
     reply = _jobs(cfg, "show", args.job)
     j = reply["jobs"][0]
+    j["pin"] = names.pin_path(cfg.rundir, j["job"])
     if args.json:
         return _print_json(j)
-    for key in ("job", "restart", "user", "uid", "gid", "state", "pinned", "dir", "mounts", "shm"):
-        print(f"{key + ':':10}{j.get(key)}")
-    print(f"{'pin:':10}{names.pin_path(cfg.rundir, j['job'])}")
-    print(f"{'created:':10}{time.ctime(j['created'])} ({_age(j['created'])} ago)" if j.get("created") else "")
-    print(f"{'usage:':10}{_human(j['bytes'])} in {j['entries']} entries")
-    print(f"{'procs:':10}{' '.join(map(str, j['processes'])) or 'none'}")
+    rows = [("job", j["job"]), ("restart", j.get("restart")), ("user", f"{j['user']} (uid {j.get('uid')}, "
+                                                                      f"gid {j.get('gid')})"),
+            ("state", j.get("state")), ("pinned", "yes" if j.get("pinned") else "NO (stale: privtmpctl cleanup)"),
+            ("pin", j["pin"]), ("dir", j.get("dir")), ("mounts", ", ".join(j.get("mounts") or [])),
+            ("shm", j.get("shm") or "host /dev/shm")]
+    if j.get("created"):
+        rows.append(("created", f"{time.ctime(j['created'])} ({_age(j['age_seconds'])} ago)"))
+    rows.append(("usage", f"{_human(j['bytes'])} in {j['entries']} entries"))
+    rows.append(("procs", " ".join(map(str, j.get("processes", []))) or "none"))
+    for key, value in rows:
+        print(f"{key + ':':9}{value}")
 
 
 def cmd_enter(cfg, args):
     """setns into the job's pinned namespace and exec a command, like
-    nsenter --mount=PIN.  Python is single-threaded here, which setns needs."""
-    job = names.parse_job_id(args.job)
+    nsenter --mount=PIN.  This process is single-threaded, as setns needs.
+    Does not need the daemon: a pin is enough."""
+    _need_root()
+    job = args.job
     pin = names.pin_path(cfg.rundir, job)
     try:
         fd = os.open(pin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise CtlError(f"job {job} has no namespace on this node ({pin} missing)") from None
-    if kernel.ns_type(fd) != kernel.CLONE_NEWNS:
-        raise CtlError(f"{pin} is not a pinned mount namespace (stale pin); try privtmpctl cleanup {job}")
-    kernel.setns(fd, kernel.CLONE_NEWNS, pin)
-    os.close(fd)
+    try:
+        if kernel.ns_type(fd) != kernel.CLONE_NEWNS:
+            raise CtlError(f"{pin} is not a pinned mount namespace (stale pin); privtmpctl cleanup {job}")
+        kernel.setns(fd, kernel.CLONE_NEWNS, pin)
+    finally:
+        os.close(fd)
     os.chdir("/")
+    if cfg.tmpdir_value != "none":
+        os.environ["TMPDIR"] = cfg.tmpdir_value
+    os.environ["PRIVTMPD_JOB"] = str(job)
     cmd = args.command or [os.environ.get("SHELL") or "/bin/sh"]
+    sys.stdout.flush()
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:
         raise CtlError(f"cannot run {cmd[0]}: {e.strerror}") from None
 
 
+def _describe_cleanup(reply, dry):
+    verb = "would " if dry else ""
+    lines = []
+    for j in reply.get("jobs", []):
+        procs = j.get("killed") if not dry else j.get("processes")
+        what = [f"state {j.get('state') or 'none'}", "pinned" if j.get("pinned") else "no pin"]
+        if procs:
+            what.append(f"{'killed' if not dry else 'would kill'} {len(procs)} process(es) {procs}")
+        dirs = ", ".join(j.get("dirs") or []) or "no directory"
+        lines.append(f"job {j['job']} ({j.get('user') or '-'}): {verb}tear down ({'; '.join(what)}), "
+                     f"{verb}remove {dirs}: {j['reason']}")
+    for o in reply.get("orphans", []):
+        lines.append(f"{o['path']}: {verb}remove: {o['reason']}")
+    for j in reply.get("skipped", []):
+        lines.append(f"job {j['job']}: left alone: {j['reason']}")
+    return lines
+
+
 def cmd_cleanup(cfg, args):
     if args.job is not None and args.orphans:
-        raise CtlError("give either a JOB or --orphans", EXIT_USAGE)
+        raise CtlError("give either a JOB or --orphans, not both", EXIT_USAGE)
     if args.job is None and not args.orphans:
-        raise CtlError("nothing to do: give a JOB to tear down, or --orphans to sweep "
-                       "directories that no running job owns", EXIT_USAGE)
+        raise CtlError("nothing to do: give a JOB to tear down, or --orphans to sweep what no live job owns",
+                       EXIT_USAGE)
+    _need_root()
     msg = {"op": "cleanup", "dry_run": args.dry_run}
     if args.job is not None:
-        msg["job"] = str(names.parse_job_id(args.job))
+        msg["job"] = str(args.job)
     reply = _ask(cfg, msg)
     if args.json:
-        return _print_json(reply)
-    if args.dry_run:
-        for w in reply.get("would_destroy", []):
-            print(f"would tear down job {w['job']} (state {w['state']}, pinned {w['pinned']})")
-        for o in reply.get("orphans", []):
-            print(f"would remove {o}: no running job owns it")
-        if not reply.get("would_destroy") and not reply.get("orphans"):
-            print("nothing to clean up")
-        return
-    for d in reply.get("destroyed", []):
-        print(f"job {d['job']}: unpinned={d['unpinned']} killed={d['killed']} removing={d['dirs']}")
-    if "queued" in reply:
-        print(f"{reply['queued']} orphaned director{'y' if reply['queued'] == 1 else 'ies'} queued for removal")
-        if sys.stdout.isatty() and reply["queued"]:
-            _progress(cfg)
+        _print_json(reply)
+    else:
+        lines = _describe_cleanup(reply, args.dry_run)
+        for line in lines:
+            print(line)
+        if not lines:
+            print(f"nothing to clean up{f' for job {args.job}' if args.job is not None else ''}")
+    removing = reply.get("jobs") or reply.get("orphans")
+    if not args.dry_run and removing and (args.wait or (sys.stderr.isatty() and not args.json)):
+        _wait_removals(cfg)
 
 
-def _progress(cfg):
+def _wait_removals(cfg, timeout=None):
+    progress = Progress()
+    t0 = time.monotonic()
     while True:
         st = _ask(cfg, {"op": "status"})
         left = st["removals_queued"] + st["removals_running"]
-        sys.stdout.write(f"\rremoving: {left} left   ")
-        sys.stdout.flush()
         if not left:
-            print("\rremoval finished      ")
+            progress.done("removal finished" if progress.enabled else "")
             return
-        time.sleep(0.5)
+        progress.show(f"removing: {left} director{'y' if left == 1 else 'ies'} left, "
+                      f"{time.monotonic() - t0:.0f} s", force=True)
+        time.sleep(0.2)
 
 
 def cmd_config_check(cfg, args):
     warnings = config.check_filesystem(cfg)
+    if args.json:
+        return _print_json({"source": cfg.source, "valid": True, "warnings": warnings, "base": cfg.base,
+                            "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
+                            "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value,
+                            "remove_workers": cfg.remove_workers, "kill_timeout": cfg.kill_timeout,
+                            "metrics_dir": cfg.metrics_dir or None})
     for w in warnings:
         print(f"warning: {w}")
-    print(f"{cfg.source}: OK: base={cfg.base} mounts={','.join(cfg.mounts)} "
-          f"rundir={cfg.rundir} mode={oct(cfg.mode)} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}")
+    print(f"{cfg.source}: OK: base={cfg.base} mounts={','.join(cfg.mounts)} rundir={cfg.rundir} "
+          f"mode={cfg.mode:04o} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}")
 
 
 def cmd_slurm_config(cfg, args):
+    so = spank_path()
+    prolog, epilog = hook_path("prolog"), hook_path("epilog")
+    wrapped = cfg.socket_path != DEFAULT_SOCKET
+    if args.json:
+        return _print_json({"prolog": prolog, "epilog": epilog, "plugstack": plugstack_line(cfg), "spank": so,
+                            "socket": cfg.socket_path, "needs_wrapper": wrapped})
     print("# slurm.conf")
-    print(f"Prolog={hook_path('prolog')}")
-    print(f"Epilog={hook_path('epilog')}")
+    if wrapped:
+        # Slurm runs the Prolog and Epilog without arguments: a socket other
+        # than the default needs a one-line wrapper.
+        print(f"# privtmpd listens on {cfg.socket_path}, not {DEFAULT_SOCKET}: run the hooks from")
+        print("# wrappers, e.g. /etc/slurm/privtmpd-prolog.sh and /etc/slurm/privtmpd-epilog.sh:")
+        print(f"#   #!/bin/sh\n#   exec {prolog} --socket {cfg.socket_path}")
+        print(f"#   #!/bin/sh\n#   exec {epilog} --socket {cfg.socket_path}")
+        print("Prolog=/etc/slurm/privtmpd-prolog.sh")
+        print("Epilog=/etc/slurm/privtmpd-epilog.sh")
+    else:
+        print(f"Prolog={prolog}")
+        print(f"Epilog={epilog}")
     print("# plugstack.conf (every node, and submit hosts: srun/sbatch load it too)")
     print(plugstack_line(cfg))
-    if not spank_path():
-        print("# note: the entry helper is not built here; install libslurm-dev and gcc, "
-              "then reinstall privtmpd (or run make -C spank install)", file=sys.stderr)
+    if not so:
+        print("# note: the entry helper is not built here; install libslurm-dev (or slurm-devel) and gcc, "
+              "then reinstall privtmpd (or make -C spank install)", file=sys.stderr)
 
 
-def cmd_doctor(cfg, args):
-    from .doctor import run_checks
-    results = run_checks(cfg)
-    bad = [r for r in results if r.status == "FAIL"]
+def cmd_doctor(cfg_path, args):
+    from .doctor import FAIL, WARN, run_checks
+    results = run_checks(cfg_path, args.slurm_conf)
+    bad = [r for r in results if r.status == FAIL]
+    warned = [r for r in results if r.status == WARN]
     if args.json:
-        _print_json([r.__dict__ for r in results])
+        _print_json({"ok": not bad, "problems": len(bad), "warnings": len(warned),
+                     "checks": [r.__dict__ for r in results]})
+    elif args.quiet:
+        # One line per problem, nothing else: Node Health Check puts the
+        # first line into the node's drain reason.
+        for r in bad:
+            print(f"privtmpd: {r.name}: {r.detail} (fix: {r.fix})")
     else:
         for r in results:
-            if args.quiet and r.status == "ok":
-                continue
-            print(f"[{r.status:4}] {r.name}: {r.detail}")
-            if r.fix and r.status != "ok":
+            print(f"[{r.status:^4}] {r.name}: {r.detail}")
+            if r.fix:
                 print(f"       fix: {r.fix}")
-        if not args.quiet:
-            print(f"\n{len(bad)} problem(s), {sum(r.status == 'warn' for r in results)} warning(s)")
+        print(f"\n{len(bad)} problem(s), {len(warned)} warning(s)")
     if bad:
-        raise CtlError(f"{len(bad)} problem(s) found" if args.quiet else "", EXIT_FAIL)
+        raise CtlError("", EXIT_FAIL)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="privtmpctl", description="Inspect and manage privtmpd's per-job private "
-                                "directories on this node.")
-    p.add_argument("--config", default=config.DEFAULT_PATH, help="configuration file (default %(default)s)")
+    # argparse exits 2 on a usage error, as documented.
+    p = argparse.ArgumentParser(prog="privtmpctl",
+                                description="Inspect and manage privtmpd's per-job private directories on "
+                                            "this node.",
+                                epilog="Exit codes: 0 ok, 1 failure or problem found, 2 usage error, 3 daemon "
+                                       "unreachable.  See privtmpctl(8).")
+    p.add_argument("--config", default=config.DEFAULT_PATH, metavar="FILE",
+                   help="privtmpd's configuration file (default %(default)s)")
     p.add_argument("--version", action="version", version=f"privtmpctl {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
 
-    def add(name, func, help_text):
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+    def add(parent, name, func, text, json_opt=True):
+        sp = parent.add_parser(name, help=text, description=text)
         sp.set_defaults(func=func)
+        if json_opt:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    for name, func, text in (("status", cmd_status, "daemon state, configuration in force, counts, free space"),
-                             ("list", cmd_list, "every job namespace on this node")):
-        add(name, func, text).add_argument("--json", action="store_true", help="machine-readable output")
-    sp = add("show", cmd_show, "one job's namespace in detail")
-    sp.add_argument("job")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = add("enter", cmd_enter, "run a shell or command inside a job's namespace (root)")
-    sp.add_argument("job")
-    sp.add_argument("command", nargs=argparse.REMAINDER, help="command (after --); default $SHELL")
-    sp = add("cleanup", cmd_cleanup, "tear down one job, or remove what no running job owns")
-    sp.add_argument("job", nargs="?")
-    sp.add_argument("--orphans", action="store_true", help="remove job directories without a live namespace")
+    add(sub, "status", cmd_status, "daemon state, configuration in force, counts, free space")
+    sp = add(sub, "list", cmd_list, "every job namespace on this node: job, restart count, user, age, size, "
+             "processes inside")
+    sp.add_argument("--no-usage", action="store_true", help="do not measure disk usage (fast on huge trees)")
+    sp = add(sub, "show", cmd_show, "one job's namespace in detail")
+    sp.add_argument("job", type=_job_arg, metavar="JOB", help="Slurm job id")
+    sp = add(sub, "enter", cmd_enter, "run a shell or a command inside a job's mount namespace (the job's "
+             "/tmp); exits with the command's status", json_opt=False)
+    sp.add_argument("job", type=_job_arg, metavar="JOB", help="Slurm job id")
+    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD",
+                    help="command and arguments (default: $SHELL)")
+    sp = add(sub, "cleanup", cmd_cleanup, "tear down one job now, or remove what no live job owns, saying what "
+             "and why")
+    sp.add_argument("job", nargs="?", type=_job_arg, metavar="JOB", help="job to tear down (kills what is left "
+                    "inside)")
+    sp.add_argument("--orphans", action="store_true", help="remove job directories, state and pins that no live "
+                    "job owns (never touches a live job)")
     sp.add_argument("--dry-run", action="store_true", help="only say what would be removed and why")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = add("doctor", cmd_doctor, "check this node's setup; exit 1 if something is wrong (NHC friendly)")
-    sp.add_argument("--quiet", "-q", action="store_true", help="print only problems")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = sub.add_parser("config", help="configuration commands")
+    sp.add_argument("--wait", action="store_true", help="wait until the background removal has finished")
+    sp = add(sub, "doctor", cmd_doctor, "check this node's setup; exit 1 if something is wrong (for Node "
+             "Health Check)")
+    sp.add_argument("--quiet", "-q", action="store_true", help="print only problems, one line each")
+    sp.add_argument("--slurm-conf", metavar="FILE", help="slurm.conf to check (default: $SLURM_CONF, "
+                    "/etc/slurm/slurm.conf or slurmd's configless cache)")
+    sp.set_defaults(needs_config=False)
+    sp = sub.add_parser("config", help="configuration file commands",
+                        description="configuration file commands")
     csub = sp.add_subparsers(dest="config_cmd", metavar="SUBCOMMAND")
     csub.required = True
-    csub.add_parser("check", help="validate the configuration file").set_defaults(func=cmd_config_check)
-    add("slurm-config", cmd_slurm_config, "print the slurm.conf and plugstack.conf lines for this installation")
+    add(csub, "check", cmd_config_check, "validate the configuration file against this system")
+    add(sub, "slurm-config", cmd_slurm_config, "print the slurm.conf and plugstack.conf lines for this "
+        "installation")
     return p
 
 
@@ -319,8 +482,10 @@ def main(argv=None):
     if getattr(args, "command", None) and args.command[:1] == ["--"]:
         args.command = args.command[1:]
     try:
-        cfg = config.load(args.config)
-        args.func(cfg, args)
+        if getattr(args, "needs_config", True):
+            args.func(config.load(args.config), args)
+        else:
+            args.func(args.config, args)
     except CtlError as e:
         if str(e):
             print(f"privtmpctl: {e}", file=sys.stderr)
@@ -329,14 +494,14 @@ def main(argv=None):
         print(f"privtmpctl: {e}", file=sys.stderr)
         return EXIT_FAIL
     except BrokenPipeError:
-        return 0
-    except PermissionError as e:
-        print(f"privtmpctl: {e.strerror}: {e.filename or ''} (run as root)", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
     except OSError as e:
-        print(f"privtmpctl: {e}", file=sys.stderr)
+        from .logfmt import describe
+        print(f"privtmpctl: {describe(e)}", file=sys.stderr)
         return EXIT_FAIL
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

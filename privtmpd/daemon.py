@@ -28,7 +28,8 @@ import struct
 import sys
 import time
 
-from . import __version__, config, names, namespace, protocol, safefs
+from . import __version__, config, kernel, names, namespace, protocol, safefs
+from .logfmt import describe, event
 from .metrics import Metrics
 
 log = logging.getLogger("privtmpd")
@@ -54,7 +55,7 @@ def sd_notify(message):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.sendto(message.encode(), path)
     except OSError as e:
-        log.warning("sd_notify(%s) failed: %s", message, e)
+        log.warning(event("sd-notify", "error", error=describe(e)))
 
 
 class _Conn:
@@ -76,7 +77,8 @@ class Daemon:
         self.workers = {}          # pid -> (parent, name, stats read fd, started)
         self.stopping = False
         self.started = time.time()
-        self.metrics = Metrics(cfg)
+        self.metrics = Metrics(cfg, log)
+        self.req_user = None       # the job's user, for the request's log line
         self._sig_r = None
 
     # --- start-up ------------------------------------------------------
@@ -126,27 +128,34 @@ class Daemon:
         when /run is empty) and interrupted removals are queued for removal
         before the first request is served."""
         cfg = self.cfg
+        t0 = time.monotonic()
         live = {}
         for job, st in namespace.all_states(cfg).items():
             ident = namespace.pin_identity(cfg, job)
             if st and st.get("state") == namespace.STATE_READY and ident and list(ident) == st.get("ns"):
                 live[job] = st
                 continue
-            log.warning("job=%s op=recover result=rollback state=%s pin=%s", job,
-                        (st or {}).get("state", "unreadable"), "live" if ident else "none")
+            log.warning(event("recover", "rollback", job, _user(st), state=(st or {}).get("state", "unreadable"),
+                              pin="live" if ident else "none"))
             namespace.destroy(cfg, job, on_trash=self.queue_removal)
         for pin in namespace.list_pins(cfg):
             if pin not in live:
-                log.warning("job=%s op=recover result=unpin-orphan", pin)
+                log.warning(event("recover", "unpin-orphan", pin))
                 namespace.unpin(cfg, pin)
         self._sweep_base(live)
         self.metrics.set_active(len(live))
-        log.info("op=recover result=ok live_jobs=%d queued_removals=%d", len(live), len(self.removals))
+        log.info(event("recover", "ok", ms=(time.monotonic() - t0) * 1000, live_jobs=len(live),
+                       queued_removals=len(self.removals)))
         return live
 
-    def _sweep_base(self, live):
+    def _sweep_base(self, live, dry_run=False):
+        """Queue for removal every entry of ours next to the job directories
+        that no live job owns.  Returns [{"path", "job", "reason"}]; with
+        dry_run only says what it would do."""
         cfg = self.cfg
         match = names.NameMatcher(cfg.base_name)
+        busy = {n for _, n in self.removals} | {n for _, n, _, _ in self.workers.values()}
+        found = []
         pfd = safefs.open_dir(cfg.base_parent)
         try:
             with os.scandir(pfd) as it:
@@ -160,19 +169,30 @@ class Daemon:
                 if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
                     continue
                 jr = match.job_dir(name)
+                path = f"{cfg.base_parent}/{name}"
                 if jr:
                     job, restart = jr
                     if job in live and live[job].get("restart") == restart:
                         continue
+                    why = (f"job {job} is running as restart {live[job].get('restart')}, this is run {restart}"
+                           if job in live else f"no live namespace for job {job}")
+                    if dry_run:
+                        found.append({"path": path, "job": job, "reason": why})
+                        continue
                     tname = namespace.trash_if_ours(pfd, cfg, name, job, restart)
                     if tname:
-                        log.info("job=%s op=sweep dir=%s result=orphan-queued", job, name)
+                        log.info(event("sweep", "orphan-queued", job, dir=path, reason=why))
                         self.metrics.inc("privtmpd_orphans_swept_total")
                         self.queue_removal(cfg.base_parent, tname)
-                elif match.trash(name) or match.temporary(name):
-                    self.queue_removal(cfg.base_parent, name)
+                        found.append({"path": path, "job": job, "reason": why})
+                elif (match.trash(name) or match.temporary(name)) and name not in busy:
+                    why = "interrupted removal" if match.trash(name) else "left by an interrupted job start"
+                    found.append({"path": path, "job": _job_of(cfg, name), "reason": why})
+                    if not dry_run:
+                        self.queue_removal(cfg.base_parent, name)
         finally:
             os.close(pfd)
+        return found
 
     # --- removal workers ----------------------------------------------
 
@@ -185,19 +205,21 @@ class Daemon:
         while self.removals and len(self.workers) < self.cfg.remove_workers and not self.stopping:
             parent, name = self.removals.pop(0)
             r, w = os.pipe2(os.O_CLOEXEC)
+            daemon_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
-                    self._worker_init()
+                    self._worker_init(daemon_pid)
                     os.close(r)
                     pfd = safefs.open_dir(parent)
+                    owner = _owner_of(pfd, name)
                     stats = safefs.remove_tree(pfd, name)
-                    os.write(w, json.dumps(stats.__dict__).encode()[:60000])
+                    os.write(w, json.dumps(dict(stats.__dict__, user=owner)).encode()[:60000])
                     code = 0
                 except BaseException as e:
                     try:
-                        os.write(w, json.dumps({"error": str(e)}).encode()[:60000])
+                        os.write(w, json.dumps({"error": describe(e)}).encode()[:60000])
                     except OSError:
                         pass
                 finally:
@@ -205,7 +227,13 @@ class Daemon:
             os.close(w)
             self.workers[pid] = (parent, name, r, time.monotonic())
 
-    def _worker_init(self):
+    def _worker_init(self, daemon_pid):
+        # A worker dies with its daemon, as it does on a SIGTERM stop: the
+        # next daemon finds the trash name and resumes the removal, and an
+        # orphaned worker would race that new worker on the same tree.
+        kernel.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != daemon_pid:     # the daemon died before prctl
+            os._exit(1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -239,19 +267,22 @@ class Daemon:
             except ValueError:
                 info = {"error": "worker sent a bad report"}
             ms = (time.monotonic() - t0) * 1000
+            job, user, where = _job_of(self.cfg, name), info.get("user"), f"{parent}/{name}"
             if "error" in info:
-                log.error("op=remove dir=%s/%s result=error ms=%.0f error=%s", parent, name, ms, info["error"])
+                log.error(event("remove", "error", job, user, ms, dir=where, error=info["error"]))
                 self.metrics.inc("privtmpd_removals_total", result="error")
             elif info.get("failures") or info.get("mounts_skipped"):
-                log.error("op=remove dir=%s/%s result=incomplete ms=%.0f files=%d left=%d errors=%s",
-                          parent, name, ms, info["files"], info["failures"], "; ".join(info["errors"][:5]))
+                log.error(event("remove", "incomplete", job, user, ms, dir=where, files=info["files"],
+                                bytes=info["bytes"], left=info["failures"], mounts_skipped=info["mounts_skipped"],
+                                errors="; ".join(info["errors"][:5])))
                 self.metrics.inc("privtmpd_removals_total", result="incomplete")
             else:
-                log.info("op=remove dir=%s/%s result=ok ms=%.0f files=%d bytes=%d",
-                         parent, name, ms, info["files"], info["bytes"])
+                log.info(event("remove", "ok", job, user, ms, dir=where, files=info["files"], dirs=info["dirs"],
+                               bytes=info["bytes"]))
                 self.metrics.inc("privtmpd_removals_total", result="ok")
             if "files" in info:
                 self.metrics.inc("privtmpd_removed_files_total", info["files"])
+                self.metrics.inc("privtmpd_removed_dirs_total", info["dirs"])
                 self.metrics.inc("privtmpd_removed_bytes_total", info["bytes"])
                 self.metrics.observe("privtmpd_remove_seconds", ms / 1000)
 
@@ -262,6 +293,7 @@ class Daemon:
         cfg = self.cfg
         if op == "create":
             job, restart = f["job"], f["restart"]
+            self.req_user = f.get("user") or f["uid"]
             st = namespace.read_state(cfg, job)
             ident = namespace.pin_identity(cfg, job)
             if (st and st.get("state") == namespace.STATE_READY and st.get("restart") == restart
@@ -279,17 +311,18 @@ class Daemon:
                 try:
                     namespace.destroy(cfg, job, restart_hint=restart, on_trash=self.queue_removal)
                 except Exception as e2:   # noqa: BLE001 - report the first error, log this one
-                    log.error("job=%s op=create-rollback result=error error=%s", job, e2)
+                    log.error(event("create-rollback", "error", job, self.req_user, error=describe(e2)))
                 raise
             if st.get("displaced"):
-                log.warning("job=%s op=create found at the job path: %s", job, st["displaced"])
+                log.warning(event("create", "displaced", job, self.req_user, found=st["displaced"]))
             self.metrics.set_active(len(namespace.list_pins(cfg)))
             return protocol.ok(job=job, dir=st["dir"], existing=False)
         if op == "destroy":
+            self.req_user = _user(namespace.read_state(cfg, f["job"]))
             info = namespace.destroy(cfg, f["job"], restart_hint=f.get("restart"), on_trash=self.queue_removal)
             if info["killed"]:
-                log.warning("job=%s op=destroy killed %d leftover process(es): %s",
-                            f["job"], len(info["killed"]), info["killed"])
+                log.warning(event("destroy", "killed", f["job"], self.req_user, count=len(info["killed"]),
+                                  pids=",".join(map(str, info["killed"]))))
             self.metrics.set_active(len(namespace.list_pins(cfg)))
             return protocol.ok(**info)
         if op == "status":
@@ -315,33 +348,85 @@ class Daemon:
         raise AssertionError(op)
 
     def _cleanup(self, job, dry_run):
-        """Remove what no running job owns: pins and state of jobs whose
-        namespace has no process and whose Slurm job is gone cannot be known
-        here, so cleanup of a named job is explicit; without a job it sweeps
-        orphans (directories without a live pin, interrupted removals)."""
+        """`privtmpctl cleanup`.  Whether a Slurm job is over cannot be known
+        here, so a live job is only torn down when named (the admin knows).
+        Without a job: what no live job owns - state or pins without a live
+        namespace, job directories without a live job, interrupted removals -
+        by the rules of start-up.  The reply says what and why; with dry_run
+        nothing changes."""
         cfg = self.cfg
+        jobs, skipped = [], []
         if job is not None:
             st = namespace.read_state(cfg, job)
-            would = {"job": job, "state": (st or {}).get("state"), "pinned": bool(namespace.pin_identity(cfg, job))}
-            if dry_run:
-                return protocol.ok(dry_run=True, would_destroy=[would])
-            return protocol.ok(destroyed=[namespace.destroy(cfg, job, on_trash=self.queue_removal)])
-        live = {}
-        for j, st in namespace.all_states(cfg).items():
-            if st and st.get("state") == namespace.STATE_READY and namespace.pin_identity(cfg, j):
-                live[j] = st
-        if dry_run:
-            match = names.NameMatcher(cfg.base_name)
+            ident = namespace.pin_identity(cfg, job)
+            dirs = self._job_dirs(job)
+            self.req_user = _user(st)
+            if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)) or dirs:
+                jobs.append({"job": job, "user": self.req_user, "state": (st or {}).get("state"),
+                             "pinned": bool(ident), "processes": namespace.processes_in(ident) if ident else [],
+                             "dirs": [f"{cfg.base_parent}/{d}" for d in dirs],
+                             "reason": "named by the administrator"})
             orphans = []
-            with os.scandir(cfg.base_parent) as it:
+        else:
+            live = {}
+            states = namespace.all_states(cfg)
+            for j, st in states.items():
+                ident = namespace.pin_identity(cfg, j)
+                if st and st.get("state") == namespace.STATE_READY and ident and list(ident) == st.get("ns"):
+                    live[j] = st
+                    continue
+                item = {"job": j, "user": _user(st), "state": (st or {}).get("state", "unreadable"),
+                        "pinned": bool(ident), "processes": namespace.processes_in(ident) if ident else [],
+                        "dirs": [f"{cfg.base_parent}/{d}" for d in self._job_dirs(j)],
+                        "reason": f"state {(st or {}).get('state', 'unreadable')!r} without its live namespace"}
+                (skipped if item["processes"] else jobs).append(item)
+            for pin in namespace.list_pins(cfg):
+                if pin not in states and isinstance(pin, int):
+                    ident = namespace.pin_identity(cfg, pin)
+                    item = {"job": pin, "user": None, "state": None, "pinned": bool(ident),
+                            "processes": namespace.processes_in(ident) if ident else [], "dirs": [],
+                            "reason": "pin without a state file"}
+                    (skipped if item["processes"] else jobs).append(item)
+            for item in skipped:
+                item["reason"] += f"; processes {item['processes']} still inside: privtmpctl cleanup {item['job']}"
+            orphans = None
+        if not dry_run:
+            for item in jobs:
+                info = namespace.destroy(cfg, item["job"], on_trash=self.queue_removal)
+                for d in self._job_dirs(item["job"]):
+                    pfd = safefs.open_dir(cfg.base_parent)
+                    try:
+                        jr = names.NameMatcher(cfg.base_name).job_dir(d)
+                        tname = namespace.trash_if_ours(pfd, cfg, d, item["job"], jr[1])
+                    finally:
+                        os.close(pfd)
+                    if tname:
+                        self.queue_removal(cfg.base_parent, tname)
+                item["killed"] = info["killed"]
+                log.warning(event("teardown", "ok", item["job"], item["user"], reason=item["reason"],
+                                  killed=",".join(map(str, info["killed"])), dirs=",".join(item["dirs"])))
+            self.metrics.set_active(len(namespace.list_pins(cfg)))
+        if orphans is None:
+            orphans = self._sweep_base(live, dry_run)
+        return protocol.ok(dry_run=dry_run, jobs=jobs, orphans=orphans, skipped=skipped)
+
+    def _job_dirs(self, job):
+        """Names of job's directories ($base.JOB.*, ours: root-owned) in the base's parent."""
+        cfg = self.cfg
+        match = names.NameMatcher(cfg.base_name)
+        out = []
+        pfd = safefs.open_dir(cfg.base_parent)
+        try:
+            with os.scandir(pfd) as it:
                 for e in it:
                     jr = match.job_dir(e.name)
-                    if jr and not (jr[0] in live and live[jr[0]].get("restart") == jr[1]):
-                        orphans.append(f"{cfg.base_parent}/{e.name}")
-            return protocol.ok(dry_run=True, orphans=orphans)
-        before = len(self.removals)
-        self._sweep_base(live)
-        return protocol.ok(queued=len(self.removals) - before)
+                    if jr and jr[0] == job:
+                        st = e.stat(follow_symlinks=False)
+                        if stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
+                            out.append(e.name)
+        finally:
+            os.close(pfd)
+        return sorted(out)
 
     # --- the loop --------------------------------------------------------
 
@@ -358,8 +443,8 @@ class Daemon:
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(r, selectors.EVENT_READ, "signal")
         sd_notify(f"READY=1\nSTATUS=serving {self.cfg.socket_path}\nMAINPID={os.getpid()}")
-        log.info("op=start result=ok version=%s socket=%s base=%s mounts=%s", __version__,
-                 self.cfg.socket_path, self.cfg.base, ",".join(self.cfg.mounts))
+        log.info(event("start", "ok", version=__version__, socket=self.cfg.socket_path, base=self.cfg.base,
+                       mounts=",".join(self.cfg.mounts)))
         self.metrics.write()
         while not self.stopping:
             self._start_removals()
@@ -373,6 +458,7 @@ class Daemon:
                     self._read(key.data)
             self._expire()
             self._reap()
+            self.metrics.set("privtmpd_removals_pending", len(self.removals) + len(self.workers))
             self.metrics.maybe_write()
         self.shutdown()
 
@@ -383,12 +469,12 @@ class Daemon:
             return
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("op=stop signal=%s: leaving every job namespace and directory in place",
-                         signal.Signals(signum).name)
+                log.info(event("stop", "requested", signal=signal.Signals(signum).name,
+                               note="every job namespace and directory stays in place"))
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                log.info("op=reload: configuration changes take effect at restart "
-                         "(systemctl restart privtmpd; running jobs keep their namespaces)")
+                log.info(event("reload", "ignored", note="configuration changes take effect at restart "
+                               "(systemctl restart privtmpd); running jobs keep their namespaces"))
 
     def _accept(self):
         while True:
@@ -397,7 +483,7 @@ class Daemon:
             except BlockingIOError:
                 return
             except OSError as e:
-                log.error("op=accept result=error error=%s", e)
+                log.error(event("accept", "error", error=describe(e)))
                 return
             # Second check, independent of the socket file's mode: the peer
             # process's credentials as the kernel saw them at connect().
@@ -407,7 +493,7 @@ class Daemon:
                 sock.close()
                 continue
             if uid != 0:
-                log.warning("op=connect result=refused peer_uid=%d", uid)
+                log.warning(event("connect", "refused", peer_uid=uid))
                 self._reply(sock, protocol.error("only root may talk to privtmpd", "denied"))
                 continue
             if len(self.conns) >= MAX_CLIENTS:
@@ -451,21 +537,31 @@ class Daemon:
 
     def _process(self, sock, data):
         t0 = time.monotonic()
-        op, job = "?", "-"
+        op, job, error, dry = "?", None, None, False
+        self.req_user = None
         try:
             op, fields = protocol.parse_request(data)
-            job = fields.get("job", "-")
+            job, dry = fields.get("job"), fields.get("dry_run", False)
             reply = self.handle(op, fields)
             result = "ok" if reply.startswith(b'{"ok":true') else "refused"
         except protocol.ProtocolError as e:
-            log.warning("op=%s result=bad-request error=%s", op, e)
-            reply, result = protocol.error(str(e), "bad-request"), "bad-request"
+            error = str(e)
+            reply, result = protocol.error(error, "bad-request"), "bad-request"
         except Exception as e:      # noqa: BLE001 - one place where errors become replies
-            log.error("job=%s op=%s result=error error=%s", job, op, e)
-            reply, result = protocol.error(str(e)), "error"
+            error = describe(e)
+            reply, result = protocol.error(error), "error"
         ms = (time.monotonic() - t0) * 1000
+        # One line per request: changes at info, queries at debug, trouble above.
+        if result == "error":
+            level = logging.ERROR
+        elif result == "bad-request":
+            level = logging.WARNING
+        elif op in ("create", "destroy") or (op == "cleanup" and not dry):
+            level = logging.INFO if result == "ok" else logging.WARNING
+        else:
+            level = logging.DEBUG
+        log.log(level, event(op, result, job, self.req_user, ms, **({"error": error} if error else {})))
         if op in ("create", "destroy"):
-            log.info("job=%s op=%s result=%s ms=%.1f", job, op, result, ms)
             self.metrics.inc(f"privtmpd_{op}s_total", result=result)
             self.metrics.observe(f"privtmpd_{op}_seconds", ms / 1000)
         self._reply(sock, reply)
@@ -504,12 +600,51 @@ class Daemon:
             pass
         self.listener.close()
         self.metrics.write()
-        log.info("op=stop result=ok")
+        log.info(event("stop", "ok"))
 
 
 def _config_dict(cfg):
     return {"base": cfg.base, "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
-            "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value, "source": cfg.source}
+            "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value, "source": cfg.source,
+            "metrics_dir": cfg.metrics_dir or None}
+
+
+def _user(state):
+    """The job's user for log lines: the name Slurm gave, else the uid."""
+    state = state or {}
+    return state.get("user") or state.get("uid")
+
+
+def _job_of(cfg, name):
+    """Job id in a job, trash or temporary directory name, for log lines."""
+    rest = name.lstrip(".")
+    if rest.startswith(cfg.base_name + "."):
+        head = rest[len(cfg.base_name) + 1:].split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return None
+
+
+def _owner_of(pfd, name):
+    """The user whose files a job directory holds (its subdirectories are
+    the user's; the top is root's), for the removal's log line.  Runs in the
+    removal worker: a name lookup may wait on LDAP, the daemon must not."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            with os.scandir(fd) as it:
+                uid = next((e.stat(follow_symlinks=False).st_uid for e in it), None)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if uid is None or uid == 0:
+        return None
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return uid
 
 
 # --- command line ----------------------------------------------------------
@@ -524,13 +659,32 @@ def _setup_logging(foreground, debug):
             handler = None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        # Under systemd the journal adds time and unit; keep lines short.
-        fmt = "privtmpd: %(levelname)s %(message)s" if os.environ.get("INVOCATION_ID") else \
-            "%(asctime)s privtmpd[%(process)d]: %(levelname)s %(message)s"
-        handler.setFormatter(logging.Formatter(fmt))
+        if _stderr_is_journal():
+            # The journal adds time and unit, and reads a "<N>" prefix as the
+            # line's priority: journalctl -u privtmpd -p warning works.
+            handler.setFormatter(_JournalFormatter("%(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s privtmpd[%(process)d]: %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _stderr_is_journal():
+    """systemd sets JOURNAL_STREAM=dev:ino when stderr goes to the journal."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class _JournalFormatter(logging.Formatter):
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record):
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
 
 
 def _pidfile_stale(path):
@@ -570,7 +724,7 @@ def main(argv=None):
             raise RuntimeError(f"already running (pid file {args.pidfile})")
         d.startup()
     except (config.ConfigError, RuntimeError, namespace.NamespaceError, OSError) as e:
-        print(f"privtmpd: {e}", file=sys.stderr)
+        print(f"privtmpd: {describe(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 1
     if args.foreground:
         d.serve_forever()

@@ -1,17 +1,28 @@
 """`privtmpctl doctor`: the checks that otherwise cost an admin an afternoon.
 
-Each check returns a Result with a status (ok, warn, FAIL), what was found
-and the fix.  Only what breaks jobs or safety is a FAIL: doctor is meant to
-run from Node Health Check, where a FAIL drains the node.
+Each check gives a Result: a status (ok, warn, FAIL), what was found and,
+unless it is ok, the fix.  Only what breaks jobs or safety is a FAIL:
+doctor is meant to run from Node Health Check, where a FAIL drains the
+node; a warn is worth knowing but keeps the node in service.
 """
 
+import dataclasses
+import glob
 import os
 import re
-import shutil
+import stat
+import subprocess
 from dataclasses import dataclass
 
-from . import config, kernel
+from . import client, config, kernel
 from .client import ClientError, request
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+SLURM_CONF_CANDIDATES = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf",
+                         # configless Slurm: slurmd's cached copy
+                         "/var/spool/slurmd/conf-cache/slurm.conf", "/var/spool/slurm/d/conf-cache/slurm.conf")
+SPANK_NAME = "privtmpd_spank.so"
 
 
 @dataclass
@@ -23,12 +34,13 @@ class Result:
 
 
 def _mountinfo():
+    """[(mount point, optional fields)] of this mount namespace."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             parts = line.split()
             sep = parts.index("-")
-            out.append((parts[4], parts[6:sep]))
+            out.append((parts[4].replace("\\040", " "), parts[6:sep]))
     return out
 
 
@@ -36,134 +48,434 @@ def _under(path, top):
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def read_slurm_conf(path):
-    """{lowercased key: value} of a slurm.conf (first occurrence; no includes)."""
+def _shared(opts):
+    return any(o.startswith("shared:") for o in opts)
+
+
+# --- Slurm's configuration files --------------------------------------------
+
+def find_slurm_conf(explicit=None):
+    if explicit:
+        return explicit
+    if os.environ.get("SLURM_CONF"):
+        return os.environ["SLURM_CONF"]
+    for cand in SLURM_CONF_CANDIDATES:
+        if os.path.exists(cand):
+            return cand
+    return SLURM_CONF_CANDIDATES[0]
+
+
+def read_slurm_conf(path, depth=0):
+    """{lowercased key: value} of a slurm.conf, following Include lines.
+    Keys are case-insensitive in slurm.conf; the last definition wins."""
     values = {}
     with open(path, errors="replace") as f:
         for line in f:
             line = line.split("#", 1)[0].strip()
-            m = re.match(r"([A-Za-z]+)\s*=\s*(\S+)", line)
-            if m and " " not in line.split("=", 1)[0].strip():
-                values.setdefault(m.group(1).lower(), m.group(2))
+            if not line:
+                continue
+            m = re.match(r"include\s+(\S+)", line, re.I)
+            if m and depth < 8:
+                inc = m.group(1)
+                if not inc.startswith("/"):
+                    inc = os.path.join(os.path.dirname(path), inc)
+                for p in sorted(glob.glob(inc)):
+                    values.update(read_slurm_conf(p, depth + 1))
+                continue
+            # Lines such as NodeName=x CPUs=4 hold several pairs; only the
+            # first word's key names the line.
+            m = re.match(r"([A-Za-z]+)\s*=\s*(\"[^\"]*\"|\S+)", line)
+            if m:
+                values[m.group(1).lower()] = m.group(2).strip('"')
     return values
 
 
-def _plugstack_lines(path, depth=0):
+def plugstack_lines(path, depth=0):
+    """Non-comment lines of a plugstack.conf, following `include GLOB`."""
     lines = []
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                line = line.split("#", 1)[0].strip()
-                if line.startswith("include ") and depth < 4:
-                    import glob
-                    for inc in sorted(glob.glob(line.split(None, 1)[1])):
-                        lines += _plugstack_lines(inc, depth + 1)
-                elif line:
-                    lines.append(line)
-    except OSError:
-        pass
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("include ") and depth < 8:
+                pattern = line.split(None, 1)[1]
+                if not pattern.startswith("/"):
+                    pattern = os.path.join(os.path.dirname(path), pattern)
+                for inc in sorted(glob.glob(pattern)):
+                    try:
+                        lines += plugstack_lines(inc, depth + 1)
+                    except OSError:
+                        pass
+            elif line:
+                lines.append(line)
     return lines
 
 
-def run_checks(cfg):
-    from .ctl import hook_path, plugstack_line, spank_path
-    res = []
-    add = lambda *a: res.append(Result(*a))  # noqa: E731
+def _plugin_args(line):
+    """("required", "/path/x.so", {"rundir": ..., ...}) of a plugstack line."""
+    words = line.split()
+    args = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+    return words[0], (words[1] if len(words) > 1 else ""), args
 
+
+def _is_elf(path):
     try:
-        config.check_filesystem(cfg)
-        add("config", "ok", f"{cfg.source} is valid")
-    except (config.ConfigError, OSError) as e:
-        add("config", "FAIL", str(e), "edit the configuration file, then privtmpctl config check")
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
+
+def _same_file_content(a, b):
     try:
-        st = request({"op": "status"}, cfg.socket_path, timeout=10, retry=0)
-        add("daemon", "ok" if st.get("ok") else "FAIL", f"reachable on {cfg.socket_path}, version "
-            f"{st.get('version')}, {st.get('jobs')} job(s)")
-    except ClientError as e:
-        add("daemon", "FAIL", str(e), "systemctl start privtmpd (journalctl -u privtmpd for why it stopped)")
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read() == fb.read()
+    except OSError:
+        return False
 
-    mounts = _mountinfo()
-    nsdir = f"{cfg.rundir}/ns"
-    opts = [o for mp, o in mounts if mp == nsdir]
-    if not opts:
-        add("pin directory", "FAIL", f"{nsdir} is not a mount point", "restart privtmpd (it sets this up)")
-    elif any(o.startswith("shared:") for o in opts[-1]):
-        add("pin directory", "FAIL", f"{nsdir} is a shared mount: pins would fail with EINVAL",
-            f"mount --make-private {nsdir} (privtmpd re-asserts this before every pin)")
-    else:
-        add("pin directory", "ok", f"{nsdir} is a private mount")
 
-    root_opts = [o for mp, o in mounts if mp == "/"]
-    prop = "shared" if root_opts and any(o.startswith("shared:") for o in root_opts[-1]) else "private/slave"
-    add("host propagation", "ok", f"/ is {prop} on the host; jobs see it as rslave (host mounts such as "
-        f"autofs reach jobs, job mounts never leak out); privtmpd never changes it")
+# --- the checks ------------------------------------------------------------
 
-    slurm_conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
-    sc = {}
-    try:
-        sc = read_slurm_conf(slurm_conf)
-    except OSError as e:
-        add("slurm.conf", "warn", f"cannot read {slurm_conf}: {e.strerror}", "set SLURM_CONF to your slurm.conf")
-    for kind in ("prolog", "epilog"):
+class Doctor:
+    def __init__(self, config_path, slurm_conf=None):
+        self.config_path = config_path
+        self.slurm_conf = find_slurm_conf(slurm_conf)
+        self.slurm_conf_explicit = bool(slurm_conf or os.environ.get("SLURM_CONF"))
+        self.results = []
+        self.cfg = None
+
+    def add(self, name, status, detail, fix=""):
+        self.results.append(Result(name, status, detail, fix if status != OK else ""))
+
+    def run(self):
+        if not self.check_config():
+            return self.results
+        for check in (self.check_base, self.check_mounts, self.check_rundir, self.check_propagation,
+                      self.check_daemon, self.check_slurm, self.check_hook_interpreter, self.check_free_space,
+                      self.check_metrics, self.check_kernel):
+            try:
+                check()
+            except Exception as e:      # noqa: BLE001 - a broken check must not hide the others
+                from .logfmt import describe
+                self.add(check.__name__[6:].replace("_", " "), FAIL, f"the check itself failed: {describe(e)}",
+                         "report this with the output of privtmpctl doctor --json")
+        return self.results
+
+    def check_config(self):
+        try:
+            self.cfg = config.load(self.config_path)
+        except config.ConfigError as e:
+            self.add("config", FAIL, str(e), f"edit {self.config_path}, then run privtmpctl config check "
+                     "and systemctl restart privtmpd")
+            return False
+        self.add("config", OK, f"{self.cfg.source} is valid")
+        return True
+
+    def check_base(self):
+        cfg = self.cfg
+        try:
+            config.check_filesystem(dataclasses.replace(cfg, mounts=()))
+        except config.ConfigError as e:
+            self.add("base directory", FAIL, str(e), f"make {cfg.base_parent} and every directory above it "
+                     f"root-owned and not writable by others (sticky like /tmp is fine), or change base=")
+            return
+        except OSError as e:
+            self.add("base directory", FAIL, f"{cfg.base_parent}: {e.strerror}", f"mkdir -p {cfg.base_parent}")
+            return
+        st = os.lstat(cfg.base_parent)
+        kind = "world-writable and sticky" if st.st_mode & 0o002 else "root-only"
+        self.add("base directory", OK, f"{cfg.base_parent} and its ancestors are root's, no symlinks ({kind})")
+
+    def check_mounts(self):
+        cfg = self.cfg
+        bad = []
+        for m in cfg.mounts:
+            try:
+                config.check_filesystem(dataclasses.replace(cfg, mounts=(m,)))
+            except config.ConfigError as e:
+                if f"mount={m}" in str(e):
+                    bad.append(str(e))
+        if bad:
+            self.add("mount points", FAIL, "; ".join(bad), "create the directory (a real directory, not a "
+                     "symlink) or remove that mount= line")
+        else:
+            self.add("mount points", OK, f"{', '.join(cfg.mounts)} exist and are real directories"
+                     + (f"; /dev/shm: private tmpfs size={cfg.shm}" if cfg.shm else ""))
+
+    def check_rundir(self):
+        cfg = self.cfg
+        nsdir = f"{cfg.rundir}/ns"
+        try:
+            st = os.lstat(cfg.rundir)
+        except FileNotFoundError:
+            self.add("run directory", FAIL, f"{cfg.rundir} does not exist: privtmpd has not run since boot",
+                     "systemctl start privtmpd")
+            return
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            self.add("run directory", FAIL, f"{cfg.rundir} is not a root-owned 0700 directory "
+                     f"(mode {stat.filemode(st.st_mode)}, uid {st.st_uid})",
+                     f"stop privtmpd, chown root: {cfg.rundir}; chmod 700 {cfg.rundir}; start privtmpd")
+            return
+        opts = [o for mp, o in _mountinfo() if mp == nsdir]
+        if not opts:
+            self.add("run directory", FAIL, f"{nsdir} is not a mount point (pins need a private mount)",
+                     "systemctl restart privtmpd (it sets this up at start)")
+        elif _shared(opts[-1]):
+            self.add("run directory", FAIL, f"{nsdir} is a shared mount: pinning a job fails with EINVAL "
+                     f"and pins would leak into other namespaces",
+                     f"mount --make-private {nsdir} (privtmpd re-asserts this before every pin; something "
+                     f"ran mount --make-rshared / since)")
+        else:
+            self.add("run directory", OK, f"{cfg.rundir} is root's, 0700; {nsdir} is a private mount")
+
+    def check_propagation(self):
+        root_opts = [o for mp, o in _mountinfo() if mp == "/"]
+        if root_opts and _shared(root_opts[-1]):
+            self.add("host propagation", OK, "/ is shared on the host; jobs get it rslave: host mounts made "
+                     "later (autofs, NFS) reach running jobs, nothing a job mounts leaks out")
+        else:
+            self.add("host propagation", WARN, "/ is private on the host: filesystems mounted after a job "
+                     "started (autofs, NFS) will not appear inside it",
+                     "usual under systemd, which makes / shared at boot; privtmpd never changes the "
+                     "host's propagation itself")
+
+    def check_daemon(self):
+        cfg = self.cfg
+        try:
+            st = request({"op": "status"}, cfg.socket_path, timeout=10, retry=0)
+        except ClientError as e:
+            self.add("daemon", FAIL, str(e), "systemctl start privtmpd (journalctl -u privtmpd says why it "
+                     "stopped)")
+            return
+        if not st.get("ok"):
+            self.add("daemon", FAIL, st.get("error", "refused the status request"), "run doctor as root")
+            return
+        running = st.get("config", {})
+        differs = [k for k, want in (("base", cfg.base), ("mounts", sorted(cfg.mounts)), ("rundir", cfg.rundir),
+                                     ("shm", cfg.shm or "no"), ("mode", oct(cfg.mode)))
+                   if (sorted(running.get(k, [])) if k == "mounts" else running.get(k)) != want]
+        if differs:
+            self.add("daemon", WARN, f"running since before {cfg.source} changed ({', '.join(differs)} differ)",
+                     "systemctl restart privtmpd (running jobs keep their namespaces)")
+        else:
+            self.add("daemon", OK, f"pid {st.get('pid')}, version {st.get('version')}, {st.get('jobs')} job(s), "
+                     f"on {cfg.socket_path}")
+        try:
+            rep = request({"op": "cleanup", "dry_run": True}, cfg.socket_path, timeout=30, retry=0)
+        except ClientError:
+            return
+        left = len(rep.get("orphans", [])) + len(rep.get("jobs", []))
+        if left:
+            self.add("leftovers", WARN, f"{left} leftover(s) that no live job owns (directories, state, pins)",
+                     "privtmpctl cleanup --orphans --dry-run shows them; without --dry-run removes them")
+
+    # -- Slurm --
+
+    def check_slurm(self):
+        cfg = self.cfg
+        path = self.slurm_conf
+        try:
+            sc = read_slurm_conf(path)
+        except OSError as e:
+            self.add("slurm.conf", FAIL if self.slurm_conf_explicit else WARN,
+                     f"cannot read {path}: {e.strerror}; Prolog, Epilog and plugstack.conf not checked",
+                     "give its path: privtmpctl doctor --slurm-conf PATH (or set SLURM_CONF)")
+            return
+        for kind in ("prolog", "epilog"):
+            self._check_hook(kind, sc.get(kind), path)
+        if sc.get("jobcontainertype", "").endswith("tmpfs"):
+            self.add("job_container", FAIL, f"JobContainerType={sc['jobcontainertype']} in {path} also "
+                     f"privatises /tmp", "remove JobContainerType= (and PrologFlags=Contain if only it needed "
+                     "it): use one or the other")
+        ps = sc.get("plugstackconfig") or os.path.join(os.path.dirname(path), "plugstack.conf")
+        self._check_plugstack(ps)
+        paths = [("SlurmdSpoolDir", sc.get("slurmdspooldir", "/var/spool/slurmd")), ("slurm.conf", path),
+                 ("PlugStackConfig", ps)]
+        hidden = [(k, p, m) for k, p in paths for m in cfg.mounts if _under(p, m)]
+        if hidden:
+            self.add("slurm paths", FAIL, "; ".join(f"{k} {p} lies under private mount {m}: jobs cannot see it "
+                                                   f"(batch jobs fail: Could not open stdout file)"
+                                                   for k, p, m in hidden),
+                     "move it out of the privatised directories, or drop that mount=")
+        else:
+            self.add("slurm paths", OK, "SlurmdSpoolDir, slurm.conf and plugstack.conf stay visible inside jobs")
+
+    def _check_hook(self, kind, value, slurm_conf):
+        from .ctl import hook_path
+        name, key = f"slurm.conf {kind.title()}", kind.title()
         want = hook_path(kind)
-        have = sc.get(kind)
-        if not sc:
-            continue
-        if have != want:
-            add(f"slurm.conf {kind.title()}", "FAIL", f"{kind.title()}={have or '(unset)'} in {slurm_conf}",
-                f"set {kind.title()}={want} (privtmpctl slurm-config prints the lines)")
-        elif not os.access(want, os.X_OK):
-            add(f"slurm.conf {kind.title()}", "FAIL", f"{want} is not executable", f"chmod 755 {want}")
-        else:
-            add(f"slurm.conf {kind.title()}", "ok", want)
-    if not os.access("/usr/bin/python3", os.X_OK):
-        add("hook interpreter", "FAIL", "/usr/bin/python3 is missing (the hooks' interpreter)",
-            "install python3 (>= 3.9)")
+        fix_lines = "privtmpctl slurm-config prints the lines for this installation"
+        if not value:
+            self.add(name, FAIL, f"no {key}= in {slurm_conf}: job directories would never be created "
+                     f"(or never removed)", f"set {key}={want} ({fix_lines}), then scontrol reconfigure")
+            return
+        progs = sorted(glob.glob(value)) if any(c in value for c in "*?[") else [value]
+        default_socket = self.cfg.socket_path == client.DEFAULT_SOCKET
+        wrapper_fix = (f"privtmpd listens on {self.cfg.socket_path}, not the hooks' default: run them from a "
+                       f"wrapper, exec {want} --socket {self.cfg.socket_path}")
+        for prog in progs:
+            if not os.path.exists(prog):
+                continue
+            if os.path.realpath(prog) == os.path.realpath(want):
+                if not os.access(prog, os.X_OK):
+                    self.add(name, FAIL, f"{prog} is not executable", f"chmod 755 {os.path.realpath(prog)}")
+                elif not default_socket:
+                    self.add(name, FAIL, f"{prog} talks to {client.DEFAULT_SOCKET}", wrapper_fix)
+                else:
+                    self.add(name, OK, f"{key}={value} runs {want}")
+                return
+            text = self._small_text(prog)
+            calls = [w for w in re.findall(r"[^\s'\";|&]+", text)
+                     if w.endswith((f"/privtmpd/hooks/{kind}.py", f"/scripts/{kind}.py", f"/privtmpd/{kind}.py"))]
+            if not calls:
+                continue
+            target = calls[0]
+            if not os.path.exists(target):
+                self.add(name, FAIL, f"{prog} runs {target}, which does not exist",
+                         f"point it at {want}")
+            elif not os.access(prog, os.X_OK):
+                self.add(name, FAIL, f"{prog} is not executable", f"chmod 755 {prog}")
+            elif not default_socket and f"--socket {self.cfg.socket_path}" not in text:
+                self.add(name, FAIL, f"{prog} runs {target} without --socket {self.cfg.socket_path}", wrapper_fix)
+            elif os.path.realpath(target) != os.path.realpath(want):
+                self.add(name, WARN, f"{prog} runs {target}, not this installation's {want}",
+                         f"point it at {want}")
+            else:
+                self.add(name, OK, f"{key}={value}: {prog} runs {want}")
+            return
+        self.add(name, FAIL, f"{key}={value} does not run privtmpd's {kind} hook",
+                 f"set {key}={want}, or run it from your {kind} script ({fix_lines})")
 
-    so = spank_path()
-    if not so:
-        add("entry helper", "FAIL", "privtmpd_spank.so is not built or installed",
-            "install libslurm-dev (or slurm-devel) and gcc, then reinstall privtmpd")
-    else:
-        ps = sc.get("plugstackconfig", os.path.join(os.path.dirname(slurm_conf), "plugstack.conf"))
-        lines = [line for line in _plugstack_lines(ps) if "privtmpd_spank" in line]
-        if not lines:
-            add("entry helper", "FAIL", f"{so} is not listed in {ps}: tasks would run on the host /tmp",
-                f"add to {ps}: {plugstack_line(cfg, so)}")
-        elif f"rundir={cfg.rundir}" not in lines[0] and cfg.rundir != "/run/privtmpd":
-            add("entry helper", "FAIL", f"{ps} does not pass rundir={cfg.rundir}", f"use: {plugstack_line(cfg, so)}")
-        else:
-            add("entry helper", "ok", f"{so} listed in {ps}")
+    @staticmethod
+    def _small_text(path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)
+        except OSError:
+            return ""
+        return "" if b"\0" in data else data.decode("utf-8", "replace")
+
+    def _check_plugstack(self, ps):
+        from .ctl import plugstack_line, spank_path
+        cfg = self.cfg
+        ours = spank_path()
+        try:
+            lines = plugstack_lines(ps)
+        except OSError as e:
+            self.add("entry helper", FAIL, f"cannot read {ps}: {e.strerror}: tasks would run on the host /tmp",
+                     f"create {ps} with: {plugstack_line(cfg)}")
+            return
+        old = [ln for ln in lines if "private-tmpdir" in ln or "private_tmpdir" in ln]
+        if old:
+            self.add("original plugin", FAIL, f"{ps} still loads the original plugin: {old[0]}",
+                     "remove that line: privtmpd replaces it (its base= and mount= go to privtmpd.conf)")
+        mine = [ln for ln in lines if SPANK_NAME in ln]
+        if not mine:
+            self.add("entry helper", FAIL, f"{SPANK_NAME} is not listed in {ps}: tasks would run on the host /tmp",
+                     f"add to {ps} on every node and submit host: {plugstack_line(cfg)}")
+            return
+        kind, so, args = _plugin_args(mine[0])
+        problems, warnings = [], []
+        if not os.path.exists(so):
+            problems.append((f"{so} (listed in {ps}) does not exist",
+                             f"install privtmpd's entry helper there, or list {ours or 'it'} instead"))
+        elif not _is_elf(so):
+            problems.append((f"{so} is not a shared object", "reinstall privtmpd"))
+        if args.get("rundir", "/run/privtmpd") != cfg.rundir:
+            problems.append((f"{ps} gives rundir={args.get('rundir', '/run/privtmpd (default)')}, "
+                             f"privtmpd uses {cfg.rundir}: no task would find its namespace",
+                             f"use: {plugstack_line(cfg, so)}"))
+        if args.get("tmpdir", "/tmp") != cfg.tmpdir_value:
+            warnings.append((f"{ps} gives tmpdir={args.get('tmpdir', '/tmp (default)')}, privtmpd.conf says "
+                             f"{cfg.tmpdir_value}", f"use: {plugstack_line(cfg, so)}"))
+        if kind != "required":
+            warnings.append((f"listed as {kind}: if it cannot load, tasks run on the host /tmp",
+                             "use required"))
         for m in cfg.mounts:
             if _under(so, m):
-                add("entry helper location", "FAIL", f"{so} lies under private mount {m}: srun inside a job "
-                    f"cannot load it", "install it outside the privatised directories")
+                problems.append((f"{so} lies under private mount {m}: an srun inside a job cannot load it",
+                                 "install it outside the privatised directories"))
+        if ours and os.path.exists(so) and not _same_file_content(so, ours):
+            warnings.append((f"{so} differs from this installation's {ours} (another build or version)",
+                             f"cp {ours} {so}, or list {ours}"))
+        if problems:
+            self.add("entry helper", FAIL, "; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
+        elif warnings:
+            self.add("entry helper", WARN, "; ".join(p for p, _ in warnings), "; ".join(f for _, f in warnings))
+        else:
+            self.add("entry helper", OK, f"{so} listed in {ps} ({kind}, rundir={cfg.rundir})")
 
-    for key in ("slurmdspooldir", "statesavelocation"):
-        path = sc.get(key)
-        for m in cfg.mounts:
-            if path and _under(path, m):
-                add(f"slurm {key}", "FAIL", f"{path} lies under private mount {m}: jobs cannot see it "
-                    f"(batch jobs fail: Could not open stdout file)", f"move {key} out of {m}")
+    def check_hook_interpreter(self):
+        # The hooks run as /usr/bin/python3 -IS and find the package next to
+        # themselves; make sure that interpreter can load it from here.
+        import privtmpd
+        top = os.path.dirname(os.path.dirname(os.path.abspath(privtmpd.__file__)))
+        py = "/usr/bin/python3"
+        if not os.access(py, os.X_OK):
+            self.add("hook interpreter", FAIL, f"{py} is missing: the Prolog and Epilog cannot run",
+                     "install python3 (3.9 or later)")
+            return
+        r = subprocess.run([py, "-IS", "-c", f"import sys; sys.path.insert(0, {top!r}); import privtmpd.client"],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode:
+            err = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            self.add("hook interpreter", FAIL, f"{py} cannot load privtmpd from {top}: {err}",
+                     "install privtmpd for the system python3 (3.9 or later)")
+        else:
+            self.add("hook interpreter", OK, f"{py} loads the hooks' client from {top}")
 
-    try:
-        vfs = os.statvfs(cfg.base_parent)
+    def check_free_space(self):
+        cfg = self.cfg
+        try:
+            vfs = os.statvfs(cfg.base_parent)
+        except OSError as e:
+            self.add("free space", FAIL, f"statvfs({cfg.base_parent}): {e.strerror}",
+                     f"create {cfg.base_parent} (root-owned)")
+            return
         free = vfs.f_bavail / max(vfs.f_blocks, 1)
-        ifree = vfs.f_favail / max(vfs.f_files, 1) if vfs.f_files else 1
-        status = "ok" if free > 0.05 and ifree > 0.05 else "warn"
-        add("free space", status, f"{cfg.base_parent}: {free:.0%} of blocks and {ifree:.0%} of inodes free",
-            "privtmpctl list shows which jobs use it; privtmpctl cleanup --orphans removes leftovers")
-    except OSError as e:
-        add("free space", "FAIL", f"statvfs({cfg.base_parent}): {e.strerror}")
+        ifree = vfs.f_favail / vfs.f_files if vfs.f_files else 1.0
+        detail = f"{cfg.base_parent}: {free:.0%} of space and {ifree:.0%} of inodes free"
+        fix = "privtmpctl list shows which jobs use it; privtmpctl cleanup --orphans removes leftovers"
+        if min(free, ifree) < 0.02:
+            self.add("free space", FAIL, detail, fix)
+        elif min(free, ifree) < 0.10:
+            self.add("free space", WARN, detail, fix)
+        else:
+            self.add("free space", OK, detail)
 
-    if not shutil.which("nsenter"):
-        add("nsenter", "warn", "nsenter not found (only needed for debugging)", "install util-linux")
-    try:
-        fd = os.open("/proc/self/ns/mnt", os.O_RDONLY)
-        ok = kernel.ns_type(fd) == kernel.CLONE_NEWNS
-        os.close(fd)
-        add("kernel", "ok" if ok else "FAIL", "NS_GET_NSTYPE works" if ok else "nsfs ioctls missing (kernel < 4.11)")
-    except OSError as e:
-        add("kernel", "FAIL", f"cannot open /proc/self/ns/mnt: {e.strerror}")
-    return res
+    def check_metrics(self):
+        cfg = self.cfg
+        if not cfg.metrics_dir:
+            return
+        d = cfg.metrics_dir
+        if not os.path.isdir(d):
+            self.add("metrics", WARN, f"metrics_dir={d} does not exist: no metrics are written",
+                     f"mkdir -p {d} (node-exporter --collector.textfile.directory={d})")
+        elif not os.path.exists(os.path.join(d, "privtmpd.prom")):
+            self.add("metrics", WARN, f"{d}/privtmpd.prom is missing", "systemctl restart privtmpd")
+        else:
+            self.add("metrics", OK, f"{d}/privtmpd.prom")
+
+    def check_kernel(self):
+        try:
+            fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            self.add("kernel", FAIL, f"open(/proc/self/ns/mnt): {e.strerror}", "mount /proc")
+            return
+        try:
+            if kernel.ns_type(fd) != kernel.CLONE_NEWNS:
+                self.add("kernel", FAIL, "the NS_GET_NSTYPE ioctl is missing (Linux < 4.11)",
+                         "privtmpd needs Linux 5.6 or later")
+                return
+        finally:
+            os.close(fd)
+        try:
+            os.close(kernel.openat2(-100, "/", os.O_RDONLY | os.O_DIRECTORY, kernel.RESOLVE_NO_SYMLINKS))
+        except OSError as e:
+            self.add("kernel", WARN, f"openat2: {e.strerror}: removal falls back to per-directory mount checks",
+                     "Linux 5.6 or later gives openat2(RESOLVE_NO_XDEV)")
+            return
+        self.add("kernel", OK, f"{os.uname().release}: nsfs ioctls and openat2 available")
+
+
+def run_checks(config_path, slurm_conf=None):
+    return Doctor(config_path, slurm_conf).run()

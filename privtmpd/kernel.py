@@ -130,6 +130,16 @@ def setns(fd, nstype, path=""):
     _check(_libc.setns(fd, nstype), "setns", path)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def set_pdeathsig(sig):
+    """prctl(PR_SET_PDEATHSIG): the kernel sends sig to the caller when its
+    parent dies."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0)), "prctl")
+
+
 def renameat2(olddirfd, oldname, newdirfd, newname, flags):
     _check(_libc.renameat2(olddirfd, _b(oldname), newdirfd, _b(newname), flags), "renameat2", oldname)
 

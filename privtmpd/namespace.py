@@ -99,13 +99,24 @@ def make_pin_dir_private(cfg):
 # --- state files ---------------------------------------------------------
 
 def write_state(cfg, job, state):
+    """Replace the job's state file atomically (temporary file + rename).
+
+    No fsync: the rename alone survives a crash of the daemon (the page
+    cache does), and what survives a power loss or a kernel crash does not
+    need it: pins and namespaces are gone then too, and reconcile() rolls
+    back every job whose state is missing, unreadable or does not match its
+    pin, and sweeps directories no live job owns.  (Two fsyncs cost every
+    job ~0.9 ms on a disk-backed /run.)"""
     path = names.state_path(cfg.rundir, job)
     tmp = f"{path}.tmp"
+    data = json.dumps(state).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
     os.rename(tmp, path)
 
 
@@ -198,29 +209,91 @@ def _pin(cfg, job, pid):
 
 # --- processes -----------------------------------------------------------
 
-def processes_in(ns_id):
+def processes_in(ns_id, holding=()):
     """PIDs whose mount namespace is ns_id (dev, ino).  Only meaningful while
-    the namespace is pinned: inode numbers are reused once it is freed."""
-    import psutil
+    the namespace is pinned: inode numbers are reused once it is freed.
+
+    holding: mount_roots() of the job's directories.  A job's user can
+    create a user namespace and in it a mount namespace of their own
+    (unshare -Urm): its processes carry copies of the job's mounts but are
+    not in ns_id.  With holding, processes of any other namespace (except
+    ours) that has one of the job's directories mounted are included."""
     out = []
-    for pid in psutil.pids():
+    # Namespaces are told apart by readlink of /proc/PID/ns/mnt ("mnt:[INODE]"):
+    # half the cost of a stat, which follows the magic link into nsfs
+    # (2 instead of 4 ms per 1000 processes).  Every mount namespace is an
+    # inode of the one nsfs device, so the inode identifies it.
+    if ns_id[0] != os.stat("/proc/self/ns/mnt").st_dev:
+        return out              # not a namespace: no process can be in it
+    own = os.readlink("/proc/self/ns/mnt")
+    verdict = {f"mnt:[{ns_id[1]}]": True, own: False}   # per namespace: its mounts are the same for all its processes
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
         try:
-            st = os.stat(f"/proc/{pid}/ns/mnt")
+            ident = os.readlink(f"/proc/{name}/ns/mnt")
         except OSError:
             continue            # gone, or a zombie (which holds no namespace)
-        if (st.st_dev, st.st_ino) == ns_id:
+        if ident not in verdict:
+            if not holding:
+                continue
+            verdict[ident] = _mounts_any_of(pid, holding)
+        if verdict[ident]:
             out.append(pid)
     return out
 
 
-def kill_processes_in(ns_id, timeout):
+def mount_roots(paths):
+    """[(b"major:minor", root)]: how a bind mount of each directory appears
+    in /proc/PID/mountinfo (device, and path within its filesystem)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        table = [line.split(b" ", 5) for line in f]
+    out = []
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}".encode()
+        p = os.fsencode(path)
+        best = None
+        for fields in table:
+            mp = _unescape(fields[4])
+            if fields[2] == dev and (p == mp or p.startswith(mp.rstrip(b"/") + b"/")):
+                if best is None or len(mp) > len(best[0]):
+                    best = (mp, _unescape(fields[3]))
+        if best:
+            mp, root = best
+            rest = p[len(mp):].strip(b"/")
+            out.append((dev, root.rstrip(b"/") + b"/" + rest if rest else root))
+    return out
+
+
+def _mounts_any_of(pid, holding):
+    try:
+        with open(f"/proc/{pid}/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split(b" ", 5)
+                root = _unescape(fields[3])
+                for dev, top in holding:
+                    if fields[2] == dev and (root == top or root.startswith(top + b"/")):
+                        return True
+    except OSError:
+        pass
+    return False
+
+
+def kill_processes_in(ns_id, timeout, holding=()):
     """SIGKILL every process still inside the job's namespace (Slurm has
     already had its chance to end them; what remains escaped its process
-    tracking) and wait until none is left.  Returns the PIDs killed."""
+    tracking), and those in namespaces of their own that hold the job's
+    directories (see processes_in), and wait until none is left.  Returns
+    the PIDs killed."""
     killed = []
     deadline = time.monotonic() + timeout
     while True:
-        pids = [p for p in processes_in(ns_id) if p != os.getpid()]
+        pids = [p for p in processes_in(ns_id, holding) if p != os.getpid()]
         if not pids:
             return killed
         for pid in pids:
@@ -304,17 +377,27 @@ def _fork_namespace(binds, shm):
     return pid, st_r, go_w
 
 
-def _wait_child(pid):
-    for _ in range(500):
+def _wait_child(pid, st_fd, timeout=1.0):
+    """Reap the namespace child once go_fd is closed.  Its end of the status
+    pipe closes only when it exits, so EOF there says it is gone; polling
+    waitpid with 2 ms sleeps cost every job ~2 ms."""
+    ready = []
+    try:
+        while True:
+            ready, _, _ = select.select([st_fd], [], [], timeout)
+            if not ready or not os.read(st_fd, 4096):
+                break
+    except OSError:
+        ready = []
+    if not ready:
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        time.sleep(0.002)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def job_dir(cfg, job, restart):
@@ -360,8 +443,8 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
         write_state(cfg, job, state)
     finally:
         os.close(go_fd)
+        _wait_child(pid, st_fd)
         os.close(st_fd)
-        _wait_child(pid)
     return state
 
 
@@ -378,7 +461,10 @@ def destroy(cfg, job, restart_hint=None, on_trash=None):
     state = read_state(cfg, job) or {}
     ns_id = pin_identity(cfg, job)
     if ns_id:
-        info["killed"] = kill_processes_in(ns_id, cfg.kill_timeout)
+        subdirs = []
+        if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
+            subdirs = [f"{state['dir']}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
+        info["killed"] = kill_processes_in(ns_id, cfg.kill_timeout, mount_roots(subdirs))
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         unpin(cfg, job)
         info["unpinned"] = True

@@ -101,12 +101,14 @@ def create_job_dir(parent_fd, name, subdirs, uid, gid, mode):
     else:
         raise UnsafePath(errno.EEXIST, f"cannot create a temporary directory next to {name}")
     placed = False
+    ours = None
     try:
         jfd = os.open(tmp, _DIR_FLAGS, dir_fd=parent_fd)
         try:
             st = os.fstat(jfd)
             if st.st_uid != 0 or not stat.S_ISDIR(st.st_mode):
                 raise UnsafePath(errno.EPERM, f"{tmp} was replaced before it could be opened")
+            ours = (st.st_dev, st.st_ino)
             os.fchmod(jfd, 0o700)
             made = {}
             for sub in subdirs:
@@ -127,7 +129,19 @@ def create_job_dir(parent_fd, name, subdirs, uid, gid, mode):
         return result
     finally:
         if not placed:
-            remove_tree(parent_fd, tmp)
+            _remove_if_ours(parent_fd, tmp, ours)
+
+
+def _remove_if_ours(parent_fd, tmp, ours):
+    # Once RENAME_EXCHANGE has swapped our directory into place, tmp holds
+    # whatever a user had put at the job path; if noting it failed, that is
+    # the user's, and root never deletes what a user made.
+    try:
+        st = os.stat(tmp, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if ours is None or (st.st_dev, st.st_ino) == ours:
+        remove_tree(parent_fd, tmp)
 
 
 def _place(parent_fd, tmp, name, result):

@@ -48,7 +48,7 @@ def daemon_factory(request):
     made = []
 
     def make(extra="", name=None, start=True, base_parent=None):
-        n = name or f"{request.node.name[:40]}-{len(made)}".replace("[", "_").replace("]", "_").replace("/", "_")
+        n = name or f"{request.node.name}-{len(made)}"
         d = DaemonProc(n, extra, base_parent)
         made.append(d)
         return d.start() if start else d

@@ -2,7 +2,9 @@
 daemon on its own run directory and base, and cleanup of what an
 interrupted run left behind.  No pytest imports here."""
 
+import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,21 +22,38 @@ TEST_RUN = "/run/privtmpd-test"
 TEST_BASE_PARENT = "/var/lib/privtmpd-test/base"
 
 
-def _umount_under(prefix):
+def _mountpoints():
+    # mountinfo octal-escapes space, tab, newline and backslash.
     with open("/proc/self/mountinfo") as f:
-        mps = [line.split()[4] for line in f]
+        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
+
+
+def _umount_under(prefix):
+    mps = _mountpoints()
     inside = [m for m in mps if m == prefix or m.startswith(prefix.rstrip("/") + "/")]
     for mp in sorted(inside, key=len, reverse=True):
         subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
 
 
 def _alive(pidfile):
+    """The pid file's process runs and is the daemon of that config (a pid
+    from an earlier boot or run may have been reused by anything)."""
+    conf = pidfile[:-4] + ".conf"
     try:
         pid = int(open(pidfile).read())
-        os.kill(pid, 0)
-        return True
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return conf.encode() in f.read().split(b"\0")
     except (ValueError, OSError):
         return False
+
+
+def safe_name(text):
+    """A daemon name usable in paths and mountinfo: [A-Za-z0-9_.-], unique
+    even when long test ids share a prefix."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+    if len(clean) > 48 or clean != text:
+        clean = f"{clean[:40]}-{hashlib.sha1(text.encode()).hexdigest()[:7]}"
+    return clean
 
 
 def clean_leftovers():
@@ -76,6 +95,7 @@ class DaemonProc:
     """A real privtmpd started in the foreground on its own rundir and base."""
 
     def __init__(self, name, extra="", base_parent=None):
+        name = safe_name(name)
         self.name = name
         self.rundir = f"{TEST_RUN}/{name}"
         self.base_parent = base_parent or f"{TEST_BASE_PARENT}/{name}"
@@ -175,6 +195,11 @@ class DaemonProc:
             if os.path.isdir(top):
                 _umount_under(top)
                 _remove(top)
+        for path in (self.pidfile, self.conf_path, self.log_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def nsenter(pin, *cmd, user=None, check=True):
