@@ -55,13 +55,13 @@ def fmt_ms(s, key="median"):
     return f"{s[key]:.1f}"
 
 
-def fmt_spread(s):
+def fmt_spread(s, digits=1):
     """median [p25-p75] for a summary."""
     if not s or not s.get("n"):
         return "-"
     if s["n"] == 1:
-        return f"{s['median']:.1f}"
-    return f"{s['median']:.1f} [{s['p25']:.1f}-{s['p75']:.1f}]"
+        return f"{s['median']:.{digits}f}"
+    return f"{s['median']:.{digits}f} [{s['p25']:.{digits}f}-{s['p75']:.{digits}f}]"
 
 
 # --- hook scripts -------------------------------------------------------------

@@ -59,19 +59,20 @@ def table(res):
     sl = res.get("slurm")
     if sl:
         add(f"1. Per-job cost on Slurm (ms; median [p25-p75] over {len(sl['rounds'])} interleaved rounds)")
-        add(f"   {'configuration':10s} {'srun true, per job':>20s} {'overhead':>18s} "
+        add(f"   {'configuration':18s} {'srun true, per job':>20s} {'overhead':>18s} "
             f"{'batch alloc->1st line':>22s} {'submit->1st line':>20s} {'step in allocation':>20s}")
-        for name in sl["configs"]:
+        order = sl.get("order") or list(sl["configs"])      # the JSON's keys come back sorted
+        for name in order:
             s = sl["summary"][name]
-            add(f"   {name:10s} {fmt_spread(s['per_job']):>20s} "
+            add(f"   {name:18s} {fmt_spread(s['per_job']):>20s} "
                 f"{fmt_spread(s['per_job_overhead']):>18s} {fmt_spread(s['batch_start']):>22s} "
                 f"{fmt_spread(s['batch_first_line']):>20s} {fmt_spread(s['step']):>20s}")
-        add("   " + "; ".join(f"{k}: {v}" for k, v in sl["configs"].items()))
+        add("   " + "; ".join(f"{k}: {sl['configs'][k]}" for k in order))
         for m in ("per_job", "batch_start", "step"):
             r = sl["ratios"][m]
-            add(f"   {m}: privtmpd/jc-tmpfs overhead {fmt_spread(r['privtmpd_over_jc_overhead'])}, "
-                f"privtmpd/floor overhead {fmt_spread(r['privtmpd_over_floor_overhead'])}, "
-                f"privtmpd/floor total {fmt_spread(r['privtmpd_over_floor_total'])}")
+            add(f"   {m}: privtmpd/jc-tmpfs overhead {fmt_spread(r['privtmpd_over_jc_overhead'], 2)}, "
+                f"privtmpd/floor overhead {fmt_spread(r['privtmpd_over_floor_overhead'], 2)}, "
+                f"privtmpd/floor total {fmt_spread(r['privtmpd_over_floor_total'], 3)}")
         d = sl.get("daemon_in_slurm", {})
         if d.get("create", {}).get("n"):
             add(f"   daemon inside those jobs: create {fmt_spread(d['create'])} ms, destroy {fmt_spread(d['destroy'])} ms")
@@ -89,14 +90,16 @@ def table(res):
             f"Epilog: {fmt_spread(s['epilog_minus_floor'])}")
         add(f"   {'jobs at once':>12s} {'Prolog p50/p99':>16s} {'Epilog p50/p99':>16s} "
             f"{'create p50/p99':>16s} {'destroy p50/p99':>16s}")
-        for k, c in hk["concurrent"].items():
+        for k, c in sorted(hk["concurrent"].items(), key=lambda kv: int(kv[0])):
             add(f"   {k:>12s} {c['prolog']['median']:7.1f}/{c['prolog']['p99']:<8.1f} "
                 f"{c['epilog']['median']:7.1f}/{c['epilog']['p99']:<8.1f} "
                 f"{c['daemon_create']['median']:7.2f}/{c['daemon_create']['p99']:<8.2f} "
                 f"{c['daemon_destroy']['median']:7.2f}/{c['daemon_destroy']['p99']:<8.2f}")
         im = hk["imports"]
+        cost = im["cost_over_bare_interpreter_ms"]
         add("   import cost over a bare `python3 -IS` (ms): " + ", ".join(
-            f"{k} {v:+.2f}" for k, v in im["cost_over_bare_interpreter_ms"].items() if k != "nothing"))
+            f"{k} {cost[k]:+.2f}" for k in ("privtmpd.client", "_socket", "socket", "json", "json+socket")
+            if k in cost))
         add("   modules the client adds: " + " ".join(im["modules_added"]))
         add("")
     td = res.get("teardown")
@@ -146,20 +149,20 @@ def chart(res, path):
     import matplotlib.pyplot as plt
 
     sl = res["slurm"]
-    names = [n for n in sl["configs"] if n != "bare"]
+    names = [n for n in (sl.get("order") or sl["configs"]) if n != "bare"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.8))
     panels = (("per_job", "srun true: per-job time over bare Slurm"),
               ("batch_start", "sbatch: allocation -> first line, over bare"),
               ("step", "step inside an allocation, over bare"))
     colors = {"sh-hooks": "#9e9e9e", "py-hooks": "#616161", "contain": "#90a4ae",
-              "jc-tmpfs": "#e57373", "privtmpd": "#43a047"}
+              "jc-tmpfs": "#e57373", "privtmpd": "#43a047", "privtmpd-noprolog": "#1b5e20"}
     for ax, (metric, title) in zip(axes, panels):
         med, lo, hi = [], [], []
         for n in names:
             s = sl["summary"][n][metric + "_overhead"]
             med.append(s["median"])
-            lo.append(s["median"] - s["min"])
-            hi.append(s["max"] - s["median"])
+            lo.append(s["median"] - s["p25"])
+            hi.append(s["p75"] - s["median"])
         bars = ax.bar(range(len(names)), med, yerr=[lo, hi], capsize=4,
                       color=[colors.get(n, "#777") for n in names])
         for b, v in zip(bars, med):
@@ -168,7 +171,7 @@ def chart(res, path):
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=25, ha="right")
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel("ms (median; whiskers: min-max over rounds)")
+        ax.set_ylabel("ms (median and p25-p75 over rounds)")
         ax.axhline(0, color="black", linewidth=0.6)
     base = sl["summary"]["bare"]["per_job"]["median"]
     m = res.get("machine", {})

@@ -26,6 +26,7 @@ CONFIGS = {
     "contain": "PrologFlags=Contain, no hooks",
     "jc-tmpfs": "job_container/tmpfs (PrologFlags=Contain)",
     "privtmpd": "privtmpd (Prolog+Epilog+entry helper)",
+    "privtmpd-noprolog": "privtmpd without Prolog (entry helper create=yes, Epilog)",
 }
 
 
@@ -43,6 +44,9 @@ def _cluster_for(name, hooks, so, daemon):
     elif name == "privtmpd":
         kw.update(prolog=hooks["prolog"], epilog=hooks["epilog"],
                   plugstack_lines=[f"required {so} rundir={daemon.rundir} tmpdir=/tmp"])
+    elif name == "privtmpd-noprolog":
+        kw.update(epilog=hooks["epilog"],
+                  plugstack_lines=[f"required {so} rundir={daemon.rundir} tmpdir=/tmp create=yes"])
     return LocalCluster(**kw)
 
 
@@ -193,14 +197,15 @@ def run(opts, hooks, so, daemon):
                          "batch_first_line_ms": summary(first), "batch_alloc_to_first_line_ms": summary(alloc),
                          "step_ms": summary(steps)}
             log(f"slurm round {rnd + 1}/{rounds} {name:9s} per job {perjob:6.1f} ms, srun p50 "
-                f"{res[name]['srun_latency_ms']['median']:6.1f}, batch {res[name]['batch_first_line_ms']['median']:6.1f}, "
+                f"{res[name]['srun_latency_ms']['median']:6.1f}, batch alloc->1st line "
+                f"{res[name]['batch_alloc_to_first_line_ms']['median']:6.1f}, "
                 f"step {res[name]['step_ms']['median']:6.1f}")
         per_round.append(res)
     return _aggregate(per_round, daemon_ops)
 
 
 def _aggregate(per_round, daemon_ops):
-    out = {"configs": CONFIGS, "rounds": per_round, "summary": {}, "ratios": {},
+    out = {"configs": CONFIGS, "order": list(CONFIGS), "rounds": per_round, "summary": {}, "ratios": {},
            "daemon_in_slurm": {k: summary(v) for k, v in daemon_ops.items()}}
     metrics = {"per_job": lambda r: r["per_job_ms"],
                "srun_latency": lambda r: r["srun_latency_ms"]["median"],

@@ -85,7 +85,9 @@ def _exchange(data, path, timeout, retry):
             s.settimeout(timeout)
             s.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError) as e:
+        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as e:
+            # BlockingIOError (EAGAIN): the listen backlog is full (hundreds
+            # of Prologs at once); like a daemon restart, worth a retry.
             s.close()
             if time.monotonic() >= deadline:
                 raise ClientError(f"cannot connect to {path}: {e.strerror}: is privtmpd running?") from None
@@ -152,6 +154,13 @@ def _hook_request(kind, env):
     msg = {"op": "destroy", "job": job}
     if "SLURM_JOB_RESTART_COUNT" in env:
         msg["restart"] = env["SLURM_JOB_RESTART_COUNT"]
+    # For keep_failed=: the batch script's status, else the worst step's.
+    # Only a plain number is passed on: a strange value must not fail the Epilog.
+    for var in ("SLURM_JOB_EXIT_CODE", "SLURM_JOB_DERIVED_EC"):
+        code = env.get(var, "")
+        if code.isascii() and code.isdigit() and len(code) <= 9 and code.lstrip("0"):
+            msg["exit_code"] = code.lstrip("0")
+            break
     return msg
 
 

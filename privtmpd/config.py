@@ -36,11 +36,14 @@ class Config:
     rundir: str = "/run/privtmpd"
     socket: str = ""            # default: <rundir>/privtmpd.sock
     mode: int = 0o700           # of the job's private directories
-    shm: str = ""               # "" = keep the host /dev/shm; else tmpfs size= (e.g. 512m, 10%)
+    shm: str = ""               # "" = keep the host /dev/shm; else tmpfs size= (e.g. 512m, 10%), or "job:N%"
     tmpdir: str = ""            # what TMPDIR points to in tasks; "" = /tmp if mounted; "none"
     remove_workers: int = 2     # parallel background removals
     kill_timeout: float = 5.0   # seconds to wait for leftover job processes to die
     metrics_dir: str = ""       # node-exporter textfile collector directory; "" = off
+    keep_failed: int = 0        # seconds a failed job's directories are kept; 0 = removed at once
+    keep_max: int = 1 << 30     # bytes all kept directories may use together; oldest evicted beyond
+    limit: int = 0              # bytes: each job's directories live in a filesystem image this big; 0 = off
     source: str = "<defaults>"
     lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
 
@@ -95,8 +98,32 @@ def _parse_size(value, where):
     unit = v[-1:] if v[-1:] in "kmgt" else ""
     num = v[:-1] if unit else v
     if not (num.isascii() and num.isdigit()) or len(num) > 20 or int(num) == 0:
-        raise ConfigError(f"{where}: shm={value!r} is not a size (examples: 512m, 2g, 10%; or shm=no)")
+        raise ConfigError(f"{where}: shm={value!r} is not a size (examples: 512m, 2g, 10%, job, job:50%; or shm=no)")
     return value
+
+
+_DURATION_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(value, key, where):
+    v = value.strip().lower()
+    unit = v[-1:] if v[-1:] in "smhd" else ""
+    num = v[:-1] if unit else v
+    if not (num.isascii() and num.isdigit()) or len(num) > 9:
+        raise ConfigError(f"{where}: {key}={value!r} is not a duration (examples: 600, 30m, 12h, 7d; or {key}=no)")
+    secs = int(num) * _DURATION_UNIT[unit]
+    if not 1 <= secs <= 365 * 86400:
+        raise ConfigError(f"{where}: {key}={value}: must be between 1s and 365d")
+    return secs
+
+
+def _size_bytes(value, key, where):
+    v = value.strip().lower()
+    unit = v[-1:] if v[-1:] in "kmgt" else ""
+    num = v[:-1] if unit else v
+    if not (num.isascii() and num.isdigit()) or len(num) > 15 or int(num) == 0:
+        raise ConfigError(f"{where}: {key}={value!r} is not a size (examples: 500m, 20g, 1t)")
+    return int(num) * _SIZE_SUFFIX[unit]
 
 
 def parse(text, source="<string>"):
@@ -152,7 +179,31 @@ def parse(text, source="<string>"):
         kw["mode"] = mode
     if "shm" in values:
         v = values["shm"]
-        kw["shm"] = "" if v.lower() in ("no", "none", "off", "") else _parse_size(v, at("shm"))
+        if v.lower() in ("no", "none", "off", ""):
+            kw["shm"] = ""
+        elif v == "job" or v.startswith("job:"):
+            # Sized per job by the entry helper (plugin argument shm=N%)
+            # from the job's memory on the node; until then N% of the RAM.
+            pct = v[4:] or "100%"
+            if not pct.endswith("%"):
+                raise ConfigError(f"{at('shm')}: shm={v!r}: the share after 'job:' is a percentage (shm=job:50%)")
+            kw["shm"] = "job:" + _parse_size(pct, at("shm"))
+        else:
+            kw["shm"] = _parse_size(v, at("shm"))
+    if "keep_failed" in values:
+        v = values["keep_failed"]
+        kw["keep_failed"] = 0 if v.lower() in ("no", "off", "0") else _parse_duration(v, "keep_failed",
+                                                                                     at("keep_failed"))
+    if "keep_max" in values:
+        kw["keep_max"] = _size_bytes(values["keep_max"], "keep_max", at("keep_max"))
+        if not kw.get("keep_failed"):
+            raise ConfigError(f"{at('keep_max')}: keep_max= has no effect without keep_failed=<duration>")
+    if "limit" in values:
+        v = values["limit"]
+        if v.lower() not in ("no", "off"):
+            kw["limit"] = _size_bytes(v, "limit", at("limit"))
+            if not 16 << 20 <= kw["limit"] <= 64 << 40:
+                raise ConfigError(f"{at('limit')}: limit={v}: must be between 16m and 64t")
     if "tmpdir" in values:
         v = values["tmpdir"]
         kw["tmpdir"] = v if v == "none" else _abs_path(v, "tmpdir", at("tmpdir"))
@@ -171,7 +222,13 @@ def parse(text, source="<string>"):
 
 
 _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
-         "metrics_dir"}
+         "metrics_dir", "keep_failed", "keep_max", "limit"}
+
+MKFS_PATHS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
+
+
+def mkfs_path():
+    return next((p for p in MKFS_PATHS if os.access(p, os.X_OK)), None)
 
 
 def _under(path, top):
@@ -260,6 +317,9 @@ def check_filesystem(cfg):
     # world-writable parent is acceptable only with the sticky bit (/tmp),
     # because then nobody but root can rename or remove our root-owned
     # job directories in it.
+    if cfg.limit and not mkfs_path():
+        raise ConfigError(f"{cfg.lines.get('limit', cfg.source)}: limit= needs mkfs.ext4 "
+                          f"(apt-get install e2fsprogs / dnf install e2fsprogs)")
     cur = ""
     for part in [""] + cfg.base_parent.strip("/").split("/"):
         cur = (cur.rstrip("/") + "/" + part) if part else "/"

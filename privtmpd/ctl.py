@@ -204,7 +204,8 @@ def cmd_status(cfg, args):
     if args.json:
         return _print_json(st)
     c = st["config"]
-    print(f"privtmpd {st['version']} running, pid {st['pid']}, up {_age(st['uptime'])}")
+    usage = f", {_human(st['rss_bytes'])} resident, {st['open_fds']} fds" if st.get("rss_bytes") else ""
+    print(f"privtmpd {st['version']} running, pid {st['pid']}, up {_age(st['uptime'])}{usage}")
     print(f"config:   {c['source']}")
     print(f"base:     {c['base']}.<job>.<restart>   mounts: {' '.join(c['mounts'])}   shm: {c['shm']}")
     print(f"jobs:     {st['jobs']} active; removals: {st['removals_running']} running, "
@@ -235,6 +236,8 @@ def _jobs(cfg, op, job=None, usage=True):
 
 def cmd_list(cfg, args):
     _need_root()
+    if args.kept:
+        return _list_kept(cfg, args)
     reply = _jobs(cfg, "list", usage=not args.no_usage)
     if args.json:
         return _print_json(reply)
@@ -243,13 +246,36 @@ def cmd_list(cfg, args):
     else:
         rows = [[j.get("job"), j.get("restart", "-"), j["user"],
                  _age(j["age_seconds"]) if j["age_seconds"] is not None else "-",
-                 "-" if j["bytes"] is None else _human(j["bytes"]), "-" if j["entries"] is None else j["entries"],
+                 ("-" if j["bytes"] is None else _human(j["bytes"]))
+                 + (f" of {_human(j['limit'])}" if j.get("limit") else ""),
+                 "-" if j["entries"] is None else j["entries"],
                  len(j.get("processes", [])), j.get("state", "?") + ("" if j.get("pinned") else " (no pin!)")]
                 for j in reply["jobs"]]
         _table(rows, ["JOB", "RESTART", "USER", "AGE", "SIZE", "FILES", "PROCS", "STATE"])
     if reply["removals"]:
         n = len(reply["removals"])
         print(f"\nbeing removed: {n} director{'y' if n == 1 else 'ies'}")
+
+
+def _list_kept(cfg, args):
+    """Directories of failed jobs kept for debugging (keep_failed=)."""
+    reply = _ask(cfg, {"op": "list"})
+    kept = reply.get("kept", [])
+    for k in kept:
+        k["user"] = _user_name(k)
+    if args.json:
+        return _print_json({"kept": kept, "keep_max": reply.get("keep_max")})
+    if not kept:
+        print("no kept directories on this node")
+        return 0
+    now = time.time()
+    _table([[k["job"], k["restart"], k["user"], k["exit_code"], "-" if k.get("bytes") is None else _human(k["bytes"]),
+             _age(max(k["until"] - now, 0)), k["path"]] for k in kept],
+           ["JOB", "RESTART", "USER", "EXIT", "SIZE", "EXPIRES IN", "PATH"])
+    if reply.get("keep_max"):
+        total = sum(k.get("bytes") or 0 for k in kept)
+        print(f"\n{_human(total)} of keep_max={_human(reply['keep_max'])}")
+    return 0
 
 
 def cmd_show(cfg, args):
@@ -266,7 +292,7 @@ def cmd_show(cfg, args):
             ("shm", j.get("shm") or "host /dev/shm")]
     if j.get("created"):
         rows.append(("created", f"{time.ctime(j['created'])} ({_age(j['age_seconds'])} ago)"))
-    rows.append(("usage", f"{_human(j['bytes'])} in {j['entries']} entries"))
+    rows.append(("usage", "-" if j["bytes"] is None else f"{_human(j['bytes'])} in {j['entries']} entries"))
     rows.append(("procs", " ".join(map(str, j.get("processes", []))) or "none"))
     for key, value in rows:
         print(f"{key + ':':9}{value}")
@@ -445,6 +471,8 @@ def build_parser():
     sp = add(sub, "list", cmd_list, "every job namespace on this node: job, restart count, user, age, size, "
              "processes inside")
     sp.add_argument("--no-usage", action="store_true", help="do not measure disk usage (fast on huge trees)")
+    sp.add_argument("--kept", action="store_true", help="directories of failed jobs kept for debugging "
+                    "(keep_failed=), their owners and when they expire")
     sp = add(sub, "show", cmd_show, "one job's namespace in detail")
     sp.add_argument("job", type=_job_arg, metavar="JOB", help="Slurm job id")
     sp = add(sub, "enter", cmd_enter, "run a shell or a command inside a job's mount namespace (the job's "

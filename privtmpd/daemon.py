@@ -35,7 +35,9 @@ from .metrics import Metrics
 log = logging.getLogger("privtmpd")
 
 READ_DEADLINE = 5.0          # seconds a client has to send its request
-MAX_CLIENTS = 256            # open connections at once; more are refused
+MAX_CLIENTS = 256            # open connections at once; more wait in the backlog
+REMOVE_RETRIES = 5           # a failed background removal is retried this often,
+REMOVE_RETRY_DELAY = 2.0     # after 2, 4, 8... seconds (then at the next start)
 
 
 def _peer_uid(conn):
@@ -75,10 +77,16 @@ class Daemon:
         self.conns = {}
         self.removals = []         # queued (parent, name)
         self.workers = {}          # pid -> (parent, name, stats read fd, started)
+        self.deferred = []         # (due, parent, name): failed removals waiting for a retry
+        self.attempts = {}         # (parent, name) -> failed attempts so far
         self.stopping = False
+        self.accepting = False     # the listener is in the selector
         self.started = time.time()
         self.metrics = Metrics(cfg, log)
+        self.proc = None           # psutil handle, made after detaching (the pid changes)
         self.req_user = None       # the job's user, for the request's log line
+        self.kept_sizes = {}       # kept dir name -> (bytes, measured at): a cache, the names are the state
+        self.next_kept_check = 0.0
         self._sig_r = None
 
     # --- start-up ------------------------------------------------------
@@ -114,7 +122,7 @@ class Daemon:
             s.bind(path)
         finally:
             os.umask(old)
-        s.listen(128)
+        s.listen(MAX_CLIENTS * 4)   # hundreds of Prologs may connect at once
         s.setblocking(False)
         return s
 
@@ -130,6 +138,8 @@ class Daemon:
         cfg = self.cfg
         t0 = time.monotonic()
         live = {}
+        for name in namespace.remove_stale_temp_states(cfg):
+            log.warning(event("recover", "stale-state-removed", file=name))
         for job, st in namespace.all_states(cfg).items():
             ident = namespace.pin_identity(cfg, job)
             if st and st.get("state") == namespace.STATE_READY and ident and list(ident) == st.get("ns"):
@@ -143,6 +153,7 @@ class Daemon:
                 log.warning(event("recover", "unpin-orphan", pin))
                 namespace.unpin(cfg, pin)
         self._sweep_base(live)
+        self.check_kept()
         self.metrics.set_active(len(live))
         log.info(event("recover", "ok", ms=(time.monotonic() - t0) * 1000, live_jobs=len(live),
                        queued_removals=len(self.removals)))
@@ -154,7 +165,8 @@ class Daemon:
         dry_run only says what it would do."""
         cfg = self.cfg
         match = names.NameMatcher(cfg.base_name)
-        busy = {n for _, n in self.removals} | {n for _, n, _, _ in self.workers.values()}
+        busy = ({n for _, n in self.removals} | {n for _, n, _, _ in self.workers.values()}
+                | {n for _, _, n in self.deferred})
         found = []
         pfd = safefs.open_dir(cfg.base_parent)
         try:
@@ -198,8 +210,31 @@ class Daemon:
 
     def queue_removal(self, parent, name):
         if (parent, name) not in self.removals and all(
-                (p, n) != (parent, name) for p, n, _, _ in self.workers.values()):
+                (p, n) != (parent, name) for p, n, _, _ in self.workers.values()) and all(
+                (p, n) != (parent, name) for _, p, n in self.deferred):
             self.removals.append((parent, name))
+
+    def _retry_due(self):
+        now = time.monotonic()
+        due = [d for d in self.deferred if d[0] <= now]
+        for d in due:
+            self.deferred.remove(d)
+            self.queue_removal(d[1], d[2])
+
+    def _defer(self, parent, name, job):
+        """A removal failed (an I/O error, a busy or immutable entry): try
+        again later rather than leave the tree until the next restart."""
+        n = self.attempts.get((parent, name), 0) + 1
+        if n > REMOVE_RETRIES or not os.path.lexists(f"{parent}/{name}"):
+            self.attempts.pop((parent, name), None)
+            if n > REMOVE_RETRIES:
+                log.error(event("remove", "given-up", job, dir=f"{parent}/{name}", attempts=n,
+                                note="retried at the next start, or: privtmpctl cleanup --orphans"))
+            return
+        self.attempts[(parent, name)] = n
+        delay = REMOVE_RETRY_DELAY * 2 ** (n - 1)
+        self.deferred.append((time.monotonic() + delay, parent, name))
+        log.warning(event("remove", "retry-scheduled", job, dir=f"{parent}/{name}", attempt=n, in_s=delay))
 
     def _start_removals(self):
         while self.removals and len(self.workers) < self.cfg.remove_workers and not self.stopping:
@@ -280,6 +315,10 @@ class Daemon:
                 log.info(event("remove", "ok", job, user, ms, dir=where, files=info["files"], dirs=info["dirs"],
                                bytes=info["bytes"]))
                 self.metrics.inc("privtmpd_removals_total", result="ok")
+            if "error" in info or info.get("failures") or info.get("mounts_skipped"):
+                self._defer(parent, name, job)
+            else:
+                self.attempts.pop((parent, name), None)
             if "files" in info:
                 self.metrics.inc("privtmpd_removed_files_total", info["files"])
                 self.metrics.inc("privtmpd_removed_dirs_total", info["dirs"])
@@ -319,16 +358,26 @@ class Daemon:
             return protocol.ok(job=job, dir=st["dir"], existing=False)
         if op == "destroy":
             self.req_user = _user(namespace.read_state(cfg, f["job"]))
-            info = namespace.destroy(cfg, f["job"], restart_hint=f.get("restart"), on_trash=self.queue_removal)
+            code = f.get("exit_code", 0)
+            keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
+            info = namespace.destroy(cfg, f["job"], restart_hint=f.get("restart"), on_trash=self.queue_removal,
+                                     keep_until=keep, exit_code=code)
+            if info["kept"]:
+                log.info(event("destroy", "kept", f["job"], self.req_user, exit_code=code,
+                               dirs=",".join(info["kept"]), until=time.ctime(keep)))
+                self.next_kept_check = 0.0     # keep_max: measured after this reply, not before
             if info["killed"]:
                 log.warning(event("destroy", "killed", f["job"], self.req_user, count=len(info["killed"]),
                                   pids=",".join(map(str, info["killed"]))))
             self.metrics.set_active(len(namespace.list_pins(cfg)))
             return protocol.ok(**info)
         if op == "status":
+            rss, fds = self.footprint()
             return protocol.ok(version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
+                               rss_bytes=rss, open_fds=fds,
                                config=_config_dict(cfg), jobs=len(namespace.list_pins(cfg)),
-                               removals_queued=len(self.removals), removals_running=len(self.workers))
+                               removals_queued=len(self.removals) + len(self.deferred),
+                               removals_running=len(self.workers))
         if op in ("list", "show"):
             jobs = []
             for job, st in sorted(namespace.all_states(cfg).items()):
@@ -338,10 +387,15 @@ class Daemon:
                 ident = namespace.pin_identity(cfg, job)
                 st["pinned"] = bool(ident)
                 st["processes"] = namespace.processes_in(ident) if ident else []
+                if st.get("limit") and isinstance(st.get("dir"), str):
+                    st["used"] = (namespace.limited_fs_usage(st["dir"]) or (None,))[0]
                 jobs.append(st)
             if op == "show" and not jobs:
                 return protocol.error(f"no job {f['job']} on this node", "not-found")
-            return protocol.ok(jobs=jobs, removals=[f"{p}/{n}" for p, n in self.removals]
+            kept = [dict(k, bytes=self.kept_sizes.get(k["name"], (None,))[0]) for k in namespace.kept_dirs(cfg)]
+            extra = {"kept": kept, "keep_max": cfg.keep_max} if kept or cfg.keep_failed else {}
+            return protocol.ok(jobs=jobs, **extra, removals=[f"{p}/{n}" for p, n in self.removals]
+                               + [f"{p}/{n}" for _, p, n in self.deferred]
                                + [f"{p}/{n}" for p, n, _, _ in self.workers.values()])
         if op == "cleanup":
             return self._cleanup(f.get("job"), f.get("dry_run", False))
@@ -410,6 +464,53 @@ class Daemon:
             orphans = self._sweep_base(live, dry_run)
         return protocol.ok(dry_run=dry_run, jobs=jobs, orphans=orphans, skipped=skipped)
 
+    def check_kept(self, now=None):
+        """keep_failed=: remove kept directories whose time is up, then the
+        oldest while all of them together use more than keep_max.  Sizes
+        are re-measured at most once a minute (users may still write into
+        their kept directories: that counts too)."""
+        cfg = self.cfg
+        now = time.time() if now is None else now
+        self.next_kept_check = time.monotonic() + 5.0
+        kept = namespace.kept_dirs(cfg)
+        if not kept:
+            self.kept_sizes.clear()
+            return
+        pfd = safefs.open_dir(cfg.base_parent)
+        try:
+            remaining = []
+            for k in kept:
+                if k["until"] <= now:
+                    self._drop_kept(pfd, k, "expired")
+                    continue
+                size, when = self.kept_sizes.get(k["name"], (None, 0.0))
+                if size is None or time.monotonic() - when > 60:
+                    try:
+                        size = namespace.tree_bytes(pfd, k["name"])
+                    except OSError:
+                        size = 0
+                    self.kept_sizes[k["name"]] = (size, time.monotonic())
+                remaining.append((k, size))
+            total = sum(size for _, size in remaining)
+            for k, size in remaining:          # oldest first (earliest expiry)
+                if total <= cfg.keep_max:
+                    break
+                self._drop_kept(pfd, k, f"kept directories use {total} bytes, over keep_max={cfg.keep_max}")
+                total -= size
+        finally:
+            os.close(pfd)
+        live = {k["name"] for k in namespace.kept_dirs(cfg)}
+        for name in list(self.kept_sizes):
+            if name not in live:
+                del self.kept_sizes[name]
+
+    def _drop_kept(self, pfd, k, why):
+        namespace.umount_limited_fs(self.cfg.base_parent, k["name"])
+        tname = names.trash_name(self.cfg.base_name, k["job"], k["restart"], safefs._nonce())
+        if safefs.rename_aside(pfd, k["name"], tname):
+            log.info(event("kept", "removed", k["job"], k["uid"], dir=k["path"], reason=why))
+            self.queue_removal(self.cfg.base_parent, tname)
+
     def _job_dirs(self, job):
         """Names of job's directories ($base.JOB.*, ours: root-owned) in the base's parent."""
         cfg = self.cfg
@@ -441,12 +542,14 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.accepting = True
         self.sel.register(r, selectors.EVENT_READ, "signal")
         sd_notify(f"READY=1\nSTATUS=serving {self.cfg.socket_path}\nMAINPID={os.getpid()}")
         log.info(event("start", "ok", version=__version__, socket=self.cfg.socket_path, base=self.cfg.base,
                        mounts=",".join(self.cfg.mounts)))
         self.metrics.write()
         while not self.stopping:
+            self._retry_due()
             self._start_removals()
             timeout = 1.0
             for key, _ in self.sel.select(timeout):
@@ -457,8 +560,10 @@ class Daemon:
                 else:
                     self._read(key.data)
             self._expire()
+            if (self.cfg.keep_failed or self.kept_sizes) and time.monotonic() >= self.next_kept_check:
+                self.check_kept()
             self._reap()
-            self.metrics.set("privtmpd_removals_pending", len(self.removals) + len(self.workers))
+            self.metrics.set("privtmpd_removals_pending", len(self.removals) + len(self.workers) + len(self.deferred))
             self.metrics.maybe_write()
         self.shutdown()
 
@@ -478,6 +583,13 @@ class Daemon:
 
     def _accept(self):
         while True:
+            if len(self.conns) >= MAX_CLIENTS:
+                # Full: stop accepting instead of refusing.  Further clients
+                # wait in the listen backlog (then retry on EAGAIN) until a
+                # connection is done; a Prolog is never failed for load.
+                self.sel.unregister(self.listener)
+                self.accepting = False
+                return
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
@@ -496,9 +608,6 @@ class Daemon:
                 log.warning(event("connect", "refused", peer_uid=uid))
                 self._reply(sock, protocol.error("only root may talk to privtmpd", "denied"))
                 continue
-            if len(self.conns) >= MAX_CLIENTS:
-                self._reply(sock, protocol.error("too many connections; retry", "busy"))
-                continue
             sock.setblocking(False)
             c = _Conn(sock)
             self.conns[sock.fileno()] = c
@@ -507,6 +616,9 @@ class Daemon:
     def _drop(self, c):
         self.sel.unregister(c.sock)
         del self.conns[c.sock.fileno()]
+        if not self.accepting and not self.stopping:
+            self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+            self.accepting = True
 
     def _read(self, c):
         try:
@@ -564,7 +676,24 @@ class Daemon:
         if op in ("create", "destroy"):
             self.metrics.inc(f"privtmpd_{op}s_total", result=result)
             self.metrics.observe(f"privtmpd_{op}_seconds", ms / 1000)
+            rss, fds = self.footprint()
+            if rss is not None:
+                self.metrics.set("privtmpd_daemon_resident_bytes", rss)
+                self.metrics.set("privtmpd_daemon_open_fds", fds)
         self._reply(sock, reply)
+
+    def footprint(self):
+        """(RSS bytes, open fds) of the daemon itself: flat over thousands
+        of jobs, or something leaks.  Workers and namespace children are
+        short-lived and not counted."""
+        import psutil
+        try:
+            if self.proc is None or self.proc.pid != os.getpid():
+                self.proc = psutil.Process()
+            with self.proc.oneshot():
+                return self.proc.memory_info().rss, self.proc.num_fds()
+        except (OSError, psutil.Error):
+            return None, None       # a gauge must never cost a job its reply
 
     def _reply(self, sock, data):
         try:
@@ -606,7 +735,8 @@ class Daemon:
 def _config_dict(cfg):
     return {"base": cfg.base, "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
             "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value, "source": cfg.source,
-            "metrics_dir": cfg.metrics_dir or None}
+            "metrics_dir": cfg.metrics_dir or None, "keep_failed": cfg.keep_failed or None,
+            "keep_max": cfg.keep_max if cfg.keep_failed else None, "limit": cfg.limit or None}
 
 
 def _user(state):
@@ -710,7 +840,7 @@ def main(argv=None):
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to stderr (systemd Type=notify)")
     p.add_argument("--pidfile", default="/run/privtmpd.pid", help="pid file in detached mode (default %(default)s)")
-    p.add_argument("--debug", action="store_true", help="log debug messages")
+    p.add_argument("--debug", action="store_true", help="also log queries (status, list, show), not only changes")
     p.add_argument("--version", action="version", version=f"privtmpd {__version__}")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

@@ -135,6 +135,13 @@ def _same_file_content(a, b):
 
 # --- the checks ------------------------------------------------------------
 
+def _only_paths(cfg, **changes):
+    """cfg for config.check_filesystem's path checks alone (limit= has its own check)."""
+    if getattr(cfg, "limit", 0):
+        changes["limit"] = 0
+    return dataclasses.replace(cfg, **changes)
+
+
 class Doctor:
     def __init__(self, config_path, slurm_conf=None):
         self.config_path = config_path
@@ -149,7 +156,7 @@ class Doctor:
     def run(self):
         if not self.check_config():
             return self.results
-        for check in (self.check_base, self.check_mounts, self.check_rundir, self.check_propagation,
+        for check in (self.check_base, self.check_mounts, self.check_limit, self.check_rundir, self.check_propagation,
                       self.check_daemon, self.check_slurm, self.check_hook_interpreter, self.check_free_space,
                       self.check_metrics, self.check_kernel):
             try:
@@ -173,7 +180,7 @@ class Doctor:
     def check_base(self):
         cfg = self.cfg
         try:
-            config.check_filesystem(dataclasses.replace(cfg, mounts=()))
+            config.check_filesystem(_only_paths(cfg, mounts=()))
         except config.ConfigError as e:
             self.add("base directory", FAIL, str(e), f"make {cfg.base_parent} and every directory above it "
                      f"root-owned and not writable by others (sticky like /tmp is fine), or change base=")
@@ -190,7 +197,7 @@ class Doctor:
         bad = []
         for m in cfg.mounts:
             try:
-                config.check_filesystem(dataclasses.replace(cfg, mounts=(m,)))
+                config.check_filesystem(_only_paths(cfg, mounts=(m,)))
             except config.ConfigError as e:
                 if f"mount={m}" in str(e):
                     bad.append(str(e))
@@ -200,6 +207,17 @@ class Doctor:
         else:
             self.add("mount points", OK, f"{', '.join(cfg.mounts)} exist and are real directories"
                      + (f"; /dev/shm: private tmpfs size={cfg.shm}" if cfg.shm else ""))
+
+    def check_limit(self):
+        cfg = self.cfg
+        if not getattr(cfg, "limit", 0):
+            return
+        mkfs = config.mkfs_path()
+        if mkfs:
+            self.add("limit", OK, f"limit={cfg.limit} bytes per job, images made with {mkfs}")
+        else:
+            self.add("limit", FAIL, "limit= is set but mkfs.ext4 is missing: no job could start",
+                     "dnf install e2fsprogs (apt-get install e2fsprogs)")
 
     def check_rundir(self):
         cfg = self.cfg

@@ -36,6 +36,8 @@ FAMILIES = {
     "privtmpd_build_info": ("gauge", "privtmpd version running on this node (always 1).", {}, None),
     "privtmpd_start_time_seconds": ("gauge", "Unix time the daemon started.", {}, None),
     "privtmpd_jobs_active": ("gauge", "Job namespaces currently pinned on this node.", {}, None),
+    "privtmpd_daemon_resident_bytes": ("gauge", "Resident memory of the daemon process.", {}, None),
+    "privtmpd_daemon_open_fds": ("gauge", "Open file descriptors of the daemon process.", {}, None),
     "privtmpd_removals_pending": ("gauge", "Job directories queued or being removed in the background.",
                                   {}, None),
     "privtmpd_creates_total": ("counter", "Prolog requests to create a job namespace, by result.",

@@ -62,6 +62,13 @@ def trash_name(base_name, job, restart, nonce):
     return f"{base_name}.{job}.{restart}.deleting.{nonce}"
 
 
+def kept_name(base_name, job, restart, until, exit_code):
+    """A failed job's directories kept for debugging until the Unix time
+    `until`: the name alone carries what the daemon needs after a restart
+    or a reboot."""
+    return f"{base_name}.{job}.{restart}.kept.{until}.{exit_code}"
+
+
 class NameMatcher:
     """Recognises our entries in the base's parent directory."""
 
@@ -69,6 +76,7 @@ class NameMatcher:
         b = re.escape(base_name)
         num = r"(0|[1-9][0-9]*)"
         self._job = re.compile(rf"{b}\.{num}\.{num}\Z", re.ASCII)
+        self._kept = re.compile(rf"{b}\.{num}\.{num}\.kept\.{num}\.{num}\Z", re.ASCII)
         self._trash = re.compile(rf"{b}\.{num}\.{num}\.deleting\.[0-9a-z]+\Z", re.ASCII)
         # safefs builds a job directory under .<name>.new.<nonce> and may move
         # a blocking entry to .<name>.aside.<nonce>: leftovers of a crash.
@@ -78,6 +86,11 @@ class NameMatcher:
         """(job, restart) when name is a job directory name, else None."""
         m = self._job.match(name)
         return (int(m.group(1)), int(m.group(2))) if m else None
+
+    def kept(self, name):
+        """(job, restart, until, exit_code) for a kept directory's name, else None."""
+        m = self._kept.match(name)
+        return tuple(int(g) for g in m.groups()) if m else None
 
     def trash(self, name):
         return self._trash.match(name) is not None

@@ -112,12 +112,35 @@ def write_state(cfg, job, state):
     data = json.dumps(state).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def remove_stale_temp_states(cfg):
+    """Remove the temporary files of state writes a crash interrupted
+    (<job>.json.tmp): no job ever reads them, and nothing else would.
+    Returns their names."""
+    jobs = f"{cfg.rundir}/jobs"
+    gone = []
+    for name in os.listdir(jobs):
+        if name.endswith(".json.tmp"):
+            try:
+                os.unlink(f"{jobs}/{name}")
+                gone.append(name)
+            except FileNotFoundError:
+                pass
+    return gone
 
 
 def read_state(cfg, job):
@@ -343,8 +366,10 @@ def _child_setup(binds, shm):
         kernel.mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, kernel.MS_BIND)
         kernel.mount(None, target, None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
     if shm:
+        # shm=job:N%: N% of the RAM until the entry helper, which knows the
+        # job's memory on this node, resizes it in the job's first task.
         kernel.mount("tmpfs", "/dev/shm", "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV,
-                     f"size={shm},mode=1777")
+                     f"size={shm.removeprefix('job:')},mode=1777")
 
 
 def _fork_namespace(binds, shm):
@@ -400,6 +425,78 @@ def _wait_child(pid, st_fd, timeout=1.0):
         pass
 
 
+LIMITED_FS = "fs"      # limit=: mount point of the job's filesystem in its job directory
+
+
+def _make_limited_fs(cfg, dpath, subs, uid, gid):
+    """limit=: an ext4 image of cfg.limit bytes (sparse: it takes only what
+    the job writes) in the root-owned job directory, loop-mounted on the
+    host side at <dir>/fs (so the directories of a failed job can be kept
+    and read), with the job's directories in it.  At the limit the job gets
+    ENOSPC; the node's disk and other jobs are unaffected.  The loop device
+    is released when the mount goes (autoclear)."""
+    import subprocess
+    img = f"{dpath}/{LIMITED_FS}.img"
+    fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, cfg.limit)
+    finally:
+        os.close(fd)
+    mnt = f"{dpath}/{LIMITED_FS}"
+    os.mkdir(mnt, 0o700)
+    # No journal, no reserved blocks: scratch space, all of it the job's.
+    for argv in ([config_mkfs(), "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard", img],
+                 ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", img, mnt]):
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if r.returncode:
+            raise NamespaceError(f"limit=: {' '.join(argv[:2])} failed: {(r.stderr or r.stdout).strip()[:500]}")
+    fsfd = safefs.open_dir(mnt)
+    made = {}
+    try:
+        for sub in subs:
+            os.mkdir(sub, 0o700, dir_fd=fsfd)
+            sfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fsfd)
+            try:
+                os.fchown(sfd, uid, gid)
+                os.fchmod(sfd, cfg.mode)
+                st = os.fstat(sfd)
+                made[sub] = (st.st_dev, st.st_ino)
+            finally:
+                os.close(sfd)
+    finally:
+        os.close(fsfd)
+    return made
+
+
+def config_mkfs():
+    from .config import mkfs_path
+    return mkfs_path() or "mkfs.ext4"
+
+
+def umount_limited_fs(pfd_path, dname):
+    """Detach a job directory's limit= filesystem (if any) before the
+    directory is removed: removal never crosses a mount point."""
+    path = f"{pfd_path}/{dname}/{LIMITED_FS}"
+    for _ in range(8):
+        try:
+            kernel.umount2(path, kernel.MNT_DETACH | kernel.UMOUNT_NOFOLLOW)
+        except KernelError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                return
+            raise
+
+
+def limited_fs_usage(dpath):
+    """(used, size) bytes of a job's limit= filesystem, or None."""
+    try:
+        v = os.statvfs(f"{dpath}/{LIMITED_FS}")
+        if os.stat(f"{dpath}/{LIMITED_FS}").st_dev == os.stat(dpath).st_dev:
+            return None
+    except OSError:
+        return None
+    return ((v.f_blocks - v.f_bfree) * v.f_frsize, v.f_blocks * v.f_frsize)
+
+
 def job_dir(cfg, job, restart):
     return f"{cfg.base_parent}/{names.job_dir_name(cfg.base_name, job, restart)}"
 
@@ -416,15 +513,22 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
              "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
              "created": time.time(), "state": STATE_CREATING}
     write_state(cfg, job, state)
+    if cfg.limit:
+        state["limit"] = cfg.limit
     pfd = safefs.open_dir(cfg.base_parent)
     try:
-        placement = safefs.create_job_dir(pfd, dname, [sub for _, sub in plan], uid, gid, cfg.mode)
+        placement = safefs.create_job_dir(pfd, dname, [] if cfg.limit else [sub for _, sub in plan],
+                                          uid, gid, cfg.mode)
         if placement.displaced_ours and on_trash:
             on_trash(cfg.base_parent, placement.displaced_name)
     finally:
         os.close(pfd)
     state["displaced"] = placement.displaced
-    binds = [(m, f"{dpath}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
+    top = dpath
+    if cfg.limit:
+        top = f"{dpath}/{LIMITED_FS}"
+        placement.subdirs = _make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid)
+    binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
     pid, st_fd, go_fd = _fork_namespace(binds, cfg.shm)
     try:
         ready, _, _ = select.select([st_fd], [], [], timeout)
@@ -450,21 +554,33 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
 
 # --- destroy -------------------------------------------------------------
 
-def destroy(cfg, job, restart_hint=None, on_trash=None):
+def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0):
     """Tear down whatever job has on this node.  Idempotent: no pin and no
     directory is success.  Returns a dict describing what was done.
 
     The restart count the Epilog sees may already be the next run's (Slurm
     22.05 requeue), so the directory comes from the state file, and both
-    the hinted count and the one before it are tried as well."""
-    info = {"job": job, "killed": [], "unpinned": False, "dirs": []}
+    the hinted count and the one before it are tried as well.
+
+    keep_until (Unix time): keep the directories under their kept name
+    (keep_failed=) instead of removing them."""
+    info = {"job": job, "killed": [], "unpinned": False, "dirs": [], "kept": []}
     state = read_state(cfg, job) or {}
     ns_id = pin_identity(cfg, job)
-    if ns_id:
-        subdirs = []
-        if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
-            subdirs = [f"{state['dir']}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
-        info["killed"] = kill_processes_in(ns_id, cfg.kill_timeout, mount_roots(subdirs))
+    if ns_id and isinstance(state.get("ns"), list) and list(ns_id) != state["ns"]:
+        # The pin was replaced by hand with some other namespace: never
+        # kill into a namespace that is not the job's.
+        ns_id = None
+    subdirs = []
+    if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
+        top = f"{state['dir']}/{LIMITED_FS}" if state.get("limit") else state["dir"]
+        subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
+    if ns_id or (subdirs and state.get("state") == STATE_READY):
+        # Without a pin (unmounted by someone), the job's namespace lives on
+        # as long as a process is in it: those are found by the job's
+        # directories mounted in their namespace.
+        target = ns_id or (os.stat("/proc/self/ns/mnt").st_dev, 0)
+        info["killed"] = kill_processes_in(target, cfg.kill_timeout, mount_roots(subdirs))
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         unpin(cfg, job)
         info["unpinned"] = True
@@ -477,6 +593,11 @@ def destroy(cfg, job, restart_hint=None, on_trash=None):
     try:
         for r in sorted(restarts):
             dname = names.job_dir_name(cfg.base_name, job, r)
+            if keep_until:
+                kname = keep_if_ours(pfd, cfg, dname, job, r, keep_until, exit_code)
+                if kname:
+                    info["kept"].append(f"{cfg.base_parent}/{kname}")
+                    continue
             tname = trash_if_ours(pfd, cfg, dname, job, r)
             if tname:
                 info["dirs"].append(dname)
@@ -488,6 +609,104 @@ def destroy(cfg, job, restart_hint=None, on_trash=None):
     return info
 
 
+def keep_if_ours(pfd, cfg, dname, job, restart, until, exit_code):
+    """Rename a job directory of ours to its kept name and let its owner
+    reach it: the top stays root's (that marks it ours) with mode 0711, the
+    subdirectories stay the user's, 0700.  Returns the kept name or None."""
+    try:
+        st = os.stat(dname, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+        return None
+    kname = names.kept_name(cfg.base_name, job, restart, int(until), exit_code)
+    try:
+        if not safefs.rename_aside(pfd, dname, kname):
+            return None
+    except (OSError, KernelError):
+        return None             # (a kept name already taken) removed instead
+    fd = os.open(kname, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    try:
+        os.fchmod(fd, 0o711)
+    finally:
+        os.close(fd)
+    return kname
+
+
+def kept_dirs(cfg):
+    """[{"name", "job", "restart", "until", "exit_code", "uid"}] for every
+    kept directory of ours (root-owned: users cannot make those)."""
+    match = names.NameMatcher(cfg.base_name)
+    out = []
+    pfd = safefs.open_dir(cfg.base_parent)
+    try:
+        with os.scandir(pfd) as it:
+            found = [(e.name, k) for e in it if (k := match.kept(e.name))]
+        for name, (job, restart, until, code) in found:
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+                continue
+            out.append({"name": name, "path": f"{cfg.base_parent}/{name}", "job": job, "restart": restart,
+                        "until": until, "exit_code": code, "uid": _owner_uid(pfd, name)})
+    finally:
+        os.close(pfd)
+    return sorted(out, key=lambda k: (k["until"], k["name"]))
+
+
+def _owner_uid(pfd, name):
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    except OSError:
+        return None
+    try:
+        with os.scandir(fd) as it:
+            uids = [e.stat(follow_symlinks=False).st_uid for e in it if e.name != LIMITED_FS + ".img"
+                    and e.name != LIMITED_FS]
+        if not uids:        # limit=: the job's directories are in the filesystem at fs/
+            with os.scandir(f"/proc/self/fd/{fd}/{LIMITED_FS}") as it:
+                uids = [e.stat(follow_symlinks=False).st_uid for e in it if e.name != "lost+found"]
+        return uids[0] if uids else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def tree_bytes(pfd, name):
+    """Disk usage (st_blocks) of a tree, fd-relative: never follows a
+    symlink, never crosses into another filesystem."""
+    total = 0
+    top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    dev = os.fstat(top).st_dev
+    stack = [top]
+    try:
+        while stack:
+            fd = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        total += st.st_blocks * 512
+                        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+                            try:
+                                stack.append(os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                                     | os.O_CLOEXEC, dir_fd=fd))
+                            except OSError:
+                                pass
+            finally:
+                os.close(fd)
+    finally:
+        for fd in stack:
+            os.close(fd)
+    return total
+
+
 def trash_if_ours(pfd, cfg, dname, job, restart):
     """Rename a job directory to its trash name if it is ours (a root-owned
     directory; users cannot create those).  Returns the trash name or None."""
@@ -497,6 +716,7 @@ def trash_if_ours(pfd, cfg, dname, job, restart):
         return None
     if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
         return None
+    umount_limited_fs(cfg.base_parent, dname)
     tname = names.trash_name(cfg.base_name, job, restart, safefs._nonce())
     if safefs.rename_aside(pfd, dname, tname):
         return tname

@@ -46,6 +46,11 @@ def _user(v):
     return v
 
 
+def _exit_code(v):
+    # SLURM_JOB_EXIT_CODE / SLURM_JOB_DERIVED_EC: a wait status, as decimal.
+    return names.parse_id(v, "exit code")
+
+
 def _flag(v):
     if not isinstance(v, bool):
         raise names.BadName("must be true or false")
@@ -56,7 +61,7 @@ def _flag(v):
 OPS = {
     "create": {"job": (_job, True), "restart": (_restart, True), "uid": (_uid, True),
                "gid": (_gid, True), "user": (_user, False)},
-    "destroy": {"job": (_job, True), "restart": (_restart, False)},
+    "destroy": {"job": (_job, True), "restart": (_restart, False), "exit_code": (_exit_code, False)},
     "status": {},
     "list": {},
     "show": {"job": (_job, True)},

@@ -1,5 +1,7 @@
 #!/usr/bin/python3 -IS
-"""Slurm Prolog: have privtmpd build this job's private directories.
+"""Slurm Prolog and Epilog: have privtmpd build, or tear down, this job's
+private directories.  epilog.py is this same file (a symlink, or a copy in
+an installed wheel): the name it was run under says which hook it is.
 
 Runs as root, child of slurmd, with no PATH and an environment made by
 slurmd.  -I ignores PYTHON* variables and the user site; -S skips site
@@ -36,4 +38,4 @@ def _find_package():
 _find_package()
 from privtmpd.client import run_hook  # noqa: E402
 
-sys.exit(run_hook("prolog"))
+sys.exit(run_hook("epilog" if __file__.rpartition("/")[2].startswith("epilog") else "prolog"))

@@ -17,7 +17,9 @@
  * error from this callback and starts the task anyway, on the shared host
  * /tmp.  A negative value fails the task, the only safe outcome.
  *
- * plugstack.conf (tmpdir=none leaves TMPDIR alone):
+ * plugstack.conf (tmpdir=none leaves TMPDIR alone; shm=N% with the
+ * daemon's shm=job:N% sizes the job's private /dev/shm to N% of the job's
+ * memory on this node):
  *   required /usr/local/lib/privtmpd/privtmpd_spank.so rundir=/run/privtmpd tmpdir=/tmp
  */
 #define _GNU_SOURCE
@@ -28,8 +30,12 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 #include <linux/nsfs.h>
 #include <slurm/spank.h>
@@ -88,13 +94,59 @@ static int open_trusted_dir(char *path, const char **what)
 	return -1;
 }
 
+/*
+ * create=yes (no Prolog): ask privtmpd to build the job's namespace.  The
+ * daemon handles one request at a time and answers an existing namespace
+ * as is, so all tasks of the job, racing here, get the same one.  Every
+ * reply starts with its verdict: {"ok":true
+ */
+static int ask_create(spank_t sp, const char *rundir, uint32_t jobid)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct timeval tv = { .tv_sec = 300 };
+	uint32_t restart = 0;
+	uid_t uid;
+	gid_t gid;
+	char req[160], rep[10];
+	ssize_t n, got = 0;
+	int fd, len;
+
+	errno = EINVAL;
+	if (spank_get_item(sp, S_JOB_UID, &uid) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_JOB_GID, &gid) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_SLURM_RESTART_COUNT, &restart) != ESPANK_SUCCESS
+	    || snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/privtmpd.sock",
+			rundir) >= (int)sizeof(sa.sun_path))
+		return -1;
+	len = snprintf(req, sizeof(req), "{\"op\":\"create\",\"job\":\"%u\","
+		       "\"restart\":\"%u\",\"uid\":\"%u\",\"gid\":\"%u\"}\n",
+		       jobid, restart, (unsigned)uid, (unsigned)gid);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0 &&
+	    connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
+	    write(fd, req, len) == len && shutdown(fd, SHUT_WR) == 0)
+		while (got < (ssize_t)sizeof(rep) &&
+		       (n = read(fd, rep + got, sizeof(rep) - got)) > 0)
+			got += n;
+	close_keep_errno(fd);
+	if (got == sizeof(rep) && !memcmp(rep, "{\"ok\":true", sizeof(rep)))
+		return 0;
+	errno = got ? EPROTO : errno;
+	return -1;
+}
+
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
 	const char *rundir = "/run/privtmpd", *tmpdir = "/tmp";
 	const char *what = "cannot open /", *hint = "";
-	char nsdir[PATH_MAX], walk[PATH_MAX], idstr[16];
+	char nsdir[PATH_MAX], walk[PATH_MAX], idstr[16], opt[32], *end;
 	uint32_t jobid = 0;
-	int i, dirfd = -1, nsfd = -1, type;
+	uint64_t mem = 0;
+	unsigned long shm = 0;
+	struct stat host_shm, job_shm;
+	int i, dirfd = -1, nsfd = -1, type, create = 0;
 
 	if (!spank_remote(sp))
 		return 0;
@@ -109,11 +161,19 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 			tmpdir = av[i] + 7;
 		else if (!strcmp(av[i], "tmpdir=none"))
 			tmpdir = NULL;
+		else if (!strcmp(av[i], "create=yes"))
+			create = 1;
+		else if (!strncmp(av[i], "shm=", 4) &&
+			 av[i][4] >= '1' && av[i][4] <= '9' &&
+			 (shm = strtoul(av[i] + 4, &end, 10)) >= 1 &&
+			 shm <= 100 && !strcmp(end, "%"))
+			;
 		else {
 			slurm_error("privtmpd: job %u: invalid plugin argument "
 				    "'%s' (expected rundir=/absolute/dir, "
-				    "tmpdir=/absolute/dir or tmpdir=none; fix "
-				    "plugstack.conf)", jobid, av[i]);
+				    "tmpdir=/absolute/dir, tmpdir=none, shm=1%%.."
+				    "100%% or create=yes; fix plugstack.conf)",
+				    jobid, av[i]);
 			return -1;
 		}
 	}
@@ -133,6 +193,14 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	/* O_NONBLOCK: never hang on a FIFO left at the pin path. */
 	nsfd = openat(dirfd, idstr,
 		      O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	if (nsfd < 0 && errno == ENOENT && create) {
+		what = "create=yes: privtmpd did not create the namespace "
+			"(see its log)";
+		if (ask_create(sp, rundir, jobid) < 0)
+			goto fail;
+		nsfd = openat(dirfd, idstr,
+			      O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	}
 	if (nsfd < 0) {
 		what = "cannot open the pin";
 		hint = errno == ENOENT ? HINT_NOPIN : "";
@@ -155,11 +223,39 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 		errno = EINVAL;
 		goto fail;
 	}
+	/* shm=N%: the job's memory on this node (MB; 0 when Slurm does not
+	 * track memory, and /dev/shm keeps the daemon's size). */
+	if (shm) {
+		what = "cannot get the job's memory (S_JOB_ALLOC_MEM)";
+		errno = EINVAL;
+		if (spank_get_item(sp, S_JOB_ALLOC_MEM, &mem) != ESPANK_SUCCESS)
+			goto fail;
+		what = "cannot stat the host's /dev/shm";
+		if (stat("/dev/shm", &host_shm) < 0)
+			goto fail;
+	}
 	/* setns() also resets cwd and root to the namespace's; slurmstepd
 	 * chdir()s to the job's working directory after this callback. */
 	what = "setns into the job namespace failed";
 	if (setns(nsfd, CLONE_NEWNS) < 0)
 		goto fail;
+	if (shm && mem) {
+		what = "cannot stat /dev/shm in the job";
+		if (stat("/dev/shm", &job_shm) < 0)
+			goto fail;
+		/* Remounting the host's tmpfs would resize it for the node. */
+		what = "/dev/shm in the job is the host's (set shm=job:N% in "
+			"privtmpd.conf)";
+		errno = EEXIST;
+		if (job_shm.st_dev == host_shm.st_dev)
+			goto fail;
+		what = "cannot resize the job's /dev/shm";
+		snprintf(opt, sizeof(opt), "size=%llum",
+			 (unsigned long long)(mem * shm / 100));
+		if (mount(NULL, "/dev/shm", NULL,
+			  MS_REMOUNT | MS_NOSUID | MS_NODEV, opt) < 0)
+			goto fail;
+	}
 	close(nsfd);
 	close(dirfd);
 	return 0;

@@ -26,6 +26,10 @@ def privileged_skip(reason):
     pytest.skip(reason)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running reliability case (still run in CI)")
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("root") or item.get_closest_marker("slurm"):
         if os.geteuid() != 0:
@@ -63,3 +67,21 @@ def daemon(daemon_factory):
     return daemon_factory()
 
 
+
+
+@pytest.fixture
+def figures(request):
+    """record(case, **figures): one JSON line per measured case, appended to
+    $PRIVTMPD_RELIABILITY_LOG when set (tools/reliability_report.py turns
+    them into docs/reliability.md), and printed either way."""
+    import json
+    import time
+
+    def record(case, **data):
+        row = {"test": request.node.nodeid, "case": case, "time": time.time(), **data}
+        print("FIGURES " + json.dumps(row, sort_keys=True))
+        path = os.environ.get("PRIVTMPD_RELIABILITY_LOG")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+    return record

@@ -57,7 +57,7 @@ def create(daemon, job):
 
 def test_file_is_there_from_the_start_with_every_family(daemon_factory, mdir):
     t0 = time.time()
-    daemon = daemon_factory(f"metrics_dir={mdir}")
+    daemon_factory(f"metrics_dir={mdir}")
     path = os.path.join(mdir, metrics.FILENAME)
     wait_for(lambda: os.path.exists(path), what="the metrics file")
     st = os.stat(path)
@@ -165,7 +165,8 @@ def test_rewrites_are_atomic(daemon_factory, mdir):
             except FileNotFoundError:
                 bad.append("missing")
                 continue
-            if not text.endswith("privtmpd_orphans_swept_total 0\n"):
+            # Complete: every family, and the last line whole.
+            if not text.endswith("\n") or not all(f"# TYPE {n} " in text for n in metrics.FAMILIES):
                 bad.append(text[-200:])
             else:
                 list(text_string_to_metric_families(text))

@@ -360,6 +360,10 @@ def test_refuses_symlink_in_rundir(cluster, mode):
     (("rundir=relative/dir",), "absolute"),
     ((f"rundir={RUNDIR}", "bogus=1"), "bogus=1"),
     (("tmpdir=",), "tmpdir="),
+    ((f"rundir={RUNDIR}", "shm=0%"), "shm=0%"),
+    ((f"rundir={RUNDIR}", "shm=50"), "shm=50"),
+    ((f"rundir={RUNDIR}", "shm=+5%"), "shm=+5%"),
+    ((f"rundir={RUNDIR}", "create=no"), "create=no"),
 ])
 def test_bad_plugin_arguments_fail_the_task(cluster, mode, args, expect):
     cluster.write_plugstack([plugstack_line(cluster.plugin, *args)])

@@ -4,7 +4,6 @@ namespace and see the same files, the Prolog and Epilog ride over the
 restart, and the next daemon tears the job down as usual."""
 
 import os
-import signal
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import pytest
 
 from cli import (PKG_WORK, InsideJob, build_wheel, ctl, make_venv, pip_install, site_packages, source_copy,
                  start_daemon, wait_for)
-from harness import REPO, DaemonProc, nsenter
+from harness import REPO, nsenter
 
 pytestmark = pytest.mark.root
 

@@ -6,8 +6,13 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "bootstrap: run as root (it installs packages and creates namespaces)" >&2; exit 1; }
 
+# rpm (rpmbuild, rpm2archive), python3-setuptools, systemd
+# (systemd-analyze), man-db and groff-base: the packaging tests build the
+# RPM, verify the unit and render the man pages.  libpam0g-dev: the PAM
+# module (pam/) and its test driver; e2fsprogs: limit= makes ext4 images.
 PKGS="slurmctld slurmd slurm-client munge libslurm-dev gcc make python3 python3-venv python3-pip
-      util-linux e2fsprogs strace procps iproute2"
+      util-linux e2fsprogs strace procps iproute2 rpm systemd man-db groff-base python3-setuptools
+      libpam0g-dev"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -28,7 +33,7 @@ if [ -n "$missing" ]; then
 fi
 
 PY=${PYTHON:-python3}
-if [ ! -x "$REPO/.venv/bin/python" ] || ! "$REPO/.venv/bin/python" -c 'import daemon, psutil, pytest, hypothesis' 2>/dev/null; then
+if [ ! -x "$REPO/.venv/bin/python" ] || ! "$REPO/.venv/bin/python" -c 'import daemon, psutil, pytest, hypothesis, wheel, prometheus_client' 2>/dev/null; then
     echo "bootstrap: creating $REPO/.venv"
     "$PY" -m venv "$REPO/.venv"
     log=$(mktemp)

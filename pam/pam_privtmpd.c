@@ -1,0 +1,153 @@
+/*
+ * pam_privtmpd.c - put an ssh session adopted into a Slurm job (by
+ * pam_slurm_adopt) into that job's private mount namespace, so it sees the
+ * job's /tmp, /var/tmp (and /dev/shm) like the job's own tasks.
+ *
+ * pam_slurm_adopt, in the account stack, moves the session's process into
+ * the cgroup of the job's extern step (.../job_<id>/step_extern).  Here, in
+ * the session stack, that cgroup names the job: we open the pin privtmpd
+ * made for it (<rundir>/ns/<id>) with the same checks as the entry helper
+ * (no symlinks, root-owned path, a mount namespace) and setns() into it.
+ * sshd opens the session in the process that then forks the user's shell,
+ * so the shell and everything it starts are in the job's namespace.
+ *
+ * A session that was not adopted into a job (no job_<id> in its cgroups)
+ * is left alone.  An adopted session whose job has no usable namespace is
+ * refused (PAM_SESSION_ERR): it must never get the host's /tmp instead.
+ *
+ * /etc/pam.d/sshd, after pam_slurm_adopt in the account stack:
+ *   session required pam_privtmpd.so rundir=/run/privtmpd tmpdir=/tmp
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <syslog.h>
+#include <unistd.h>
+#include <linux/nsfs.h>
+#include <security/pam_modules.h>
+#include <security/pam_ext.h>
+
+/* The job id in /proc/self/cgroup (job_<id> components); 0 if none, -1 if
+ * the lines disagree (then we do not guess). */
+static long adopted_job(void)
+{
+	char line[4096], *p;
+	long job = 0, id;
+	FILE *f = fopen("/proc/self/cgroup", "re");
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f)) {
+		for (p = strstr(line, "/job_"); p; p = strstr(p + 1, "/job_")) {
+			id = strtol(p + 5, &p, 10);
+			if (id <= 0 || (*p != '/' && *p != '\n' && *p))
+				continue;
+			if (job && job != id) {
+				fclose(f);
+				return -1;
+			}
+			job = id;
+		}
+	}
+	fclose(f);
+	return job;
+}
+
+/* As in the entry helper: open <path> component by component, no symlinks,
+ * every directory root-owned and not writable by group or other. */
+static int open_trusted_dir(char *path)
+{
+	char *comp, *save = NULL;
+	struct stat st;
+	int fd, next;
+
+	fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	for (comp = strtok_r(path, "/", &save); fd >= 0;
+	     comp = strtok_r(NULL, "/", &save)) {
+		if (fstat(fd, &st) < 0)
+			break;
+		if (st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
+			errno = EPERM;
+			break;
+		}
+		if (!comp)
+			return fd;
+		next = openat(fd, comp,
+			      O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		close(fd);
+		fd = next;
+	}
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
+			const char **argv)
+{
+	const char *rundir = "/run/privtmpd", *tmpdir = "/tmp";
+	char path[4096], idstr[24], env[4200];
+	int i, dirfd, nsfd;
+	long job;
+
+	(void)flags;
+	for (i = 0; i < argc; i++) {
+		if (!strncmp(argv[i], "rundir=", 7) && argv[i][7] == '/')
+			rundir = argv[i] + 7;
+		else if (!strncmp(argv[i], "tmpdir=", 7) && argv[i][7] == '/')
+			tmpdir = argv[i] + 7;
+		else if (!strcmp(argv[i], "tmpdir=none"))
+			tmpdir = NULL;
+		else {
+			pam_syslog(pamh, LOG_ERR, "invalid argument '%s' "
+				   "(rundir=/dir, tmpdir=/dir or tmpdir=none)",
+				   argv[i]);
+			return PAM_SESSION_ERR;
+		}
+	}
+	job = adopted_job();
+	if (job == 0)
+		return PAM_IGNORE;      /* not adopted into a job */
+	if (job < 0) {
+		pam_syslog(pamh, LOG_ERR, "cannot tell the job of this session "
+			   "from /proc/self/cgroup");
+		return PAM_SESSION_ERR;
+	}
+	snprintf(idstr, sizeof(idstr), "%ld", job);
+	if (snprintf(path, sizeof(path), "%s/ns", rundir) >= (int)sizeof(path))
+		return PAM_SESSION_ERR;
+	dirfd = open_trusted_dir(path);
+	nsfd = dirfd < 0 ? -1 : openat(dirfd, idstr, O_RDONLY | O_NOFOLLOW |
+				       O_NONBLOCK | O_CLOEXEC);
+	if (nsfd < 0 || ioctl(nsfd, NS_GET_NSTYPE) != CLONE_NEWNS ||
+	    setns(nsfd, CLONE_NEWNS) < 0) {
+		pam_syslog(pamh, LOG_ERR, "job %ld: cannot enter its namespace "
+			   "%s/ns/%s: %m", job, rundir, idstr);
+		if (nsfd >= 0)
+			close(nsfd);
+		if (dirfd >= 0)
+			close(dirfd);
+		return PAM_SESSION_ERR;
+	}
+	close(nsfd);
+	close(dirfd);
+	if (chdir("/") < 0)     /* the old cwd belongs to the host namespace */
+		return PAM_SESSION_ERR;
+	snprintf(env, sizeof(env), "TMPDIR=%s", tmpdir ? tmpdir : "");
+	if (tmpdir && pam_putenv(pamh, env) != PAM_SUCCESS)
+		return PAM_SESSION_ERR;
+	return PAM_SUCCESS;
+}
+
+int pam_sm_close_session(pam_handle_t *pamh, int flags, int argc,
+			 const char **argv)
+{
+	(void)pamh; (void)flags; (void)argc; (void)argv;
+	return PAM_SUCCESS;
+}
