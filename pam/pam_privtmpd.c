@@ -44,7 +44,7 @@ static long adopted_job(void)
 	if (!f)
 		return -1;
 	while (fgets(line, sizeof(line), f)) {
-		for (p = strstr(line, "/job_"); p; p = strstr(p + 1, "/job_")) {
+		for (p = strstr(line, "/job_"); p; p = *p ? strstr(p + 1, "/job_") : NULL) {
 			id = strtol(p + 5, &p, 10);
 			if (id <= 0 || (*p != '/' && *p != '\n' && *p))
 				continue;

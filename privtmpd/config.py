@@ -320,14 +320,24 @@ def check_filesystem(cfg):
     if cfg.limit and not mkfs_path():
         raise ConfigError(f"{cfg.lines.get('limit', cfg.source)}: limit= needs mkfs.ext4 "
                           f"(apt-get install e2fsprogs / dnf install e2fsprogs)")
+    _check_root_owned(cfg.base_parent, f"{where}: base={cfg.base}", "above the job directories")
+    # The same for the parents of each mount point: a user who can rename
+    # one could make the Prolog fail, or have the job's directory bound
+    # somewhere else.
+    for m in cfg.mounts:
+        parent = m.rpartition("/")[0] or "/"
+        _check_root_owned(parent, f"{cfg.lines.get(f'mount={m}', cfg.source)}: mount={m}", f"above {m}")
+    return warnings
+
+
+def _check_root_owned(path, what, role):
     cur = ""
-    for part in [""] + cfg.base_parent.strip("/").split("/"):
+    for part in [""] + path.strip("/").split("/"):
         cur = (cur.rstrip("/") + "/" + part) if part else "/"
         st = os.lstat(cur)
         if st.st_uid != 0:
-            raise ConfigError(f"{where}: base={cfg.base}: {cur} is owned by uid {st.st_uid}; every "
-                              f"directory above the job directories must belong to root")
+            raise ConfigError(f"{what}: {cur} is owned by uid {st.st_uid}; every directory {role} "
+                              f"must belong to root")
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise ConfigError(f"{where}: base={cfg.base}: {cur} is writable by group or others "
-                              f"without the sticky bit; run chmod go-w {cur}")
-    return warnings
+            raise ConfigError(f"{what}: {cur} is writable by group or others without the sticky bit; "
+                              f"run chmod go-w {cur}")

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import pwd
-import stat
 import sys
 import time
 
@@ -135,37 +134,19 @@ class Progress:
 
 
 def tree_usage(path, limit=10_000_000, progress=None, label=""):
-    """(bytes, entries) under path, walked fd-relative without following
-    symlinks or crossing mounts (the same rules as removal)."""
+    """(bytes, entries) under path, walked by the same rules as removal."""
+    show = (lambda n, b: progress.show(f"measuring {label}: {n} entries, {_human(b)}")) if progress else None
+    parent, _, name = path.rpartition("/")
     try:
-        top = safefs.open_dir(path)
+        pfd = safefs.open_dir(parent or "/")
     except OSError:
         return 0, 0
-    total, count, stack = 0, 0, [top]
     try:
-        while stack and count < limit:
-            fd = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    for e in it:
-                        count += 1
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        total += st.st_blocks * 512
-                        if stat.S_ISDIR(st.st_mode):
-                            try:
-                                stack.append(safefs._open_child_dir(fd, e.name))
-                            except OSError:
-                                pass
-                        if progress and not count % 1000:
-                            progress.show(f"measuring {label}: {count} entries, {_human(total)}")
-            finally:
-                os.close(fd)
+        total, count, _complete = safefs.tree_usage(pfd, name, limit, show)
+    except OSError:
+        return 0, 0
     finally:
-        for fd in stack:
-            os.close(fd)
+        os.close(pfd)
     return total, count
 
 

@@ -35,6 +35,7 @@ from .metrics import Metrics
 log = logging.getLogger("privtmpd")
 
 READ_DEADLINE = 5.0          # seconds a client has to send its request
+KEPT_MEASURE_MAX = 200_000   # entries a kept directory may have (keep_failed=)
 MAX_CLIENTS = 256            # open connections at once; more wait in the backlog
 REMOVE_RETRIES = 5           # a failed background removal is retried this often,
 REMOVE_RETRY_DELAY = 2.0     # after 2, 4, 8... seconds (then at the next start)
@@ -184,7 +185,7 @@ class Daemon:
                 path = f"{cfg.base_parent}/{name}"
                 if jr:
                     job, restart = jr
-                    if job in live and live[job].get("restart") == restart:
+                    if job in live and (live[job] is None or live[job].get("restart") == restart):
                         continue
                     why = (f"job {job} is running as restart {live[job].get('restart')}, this is run {restart}"
                            if job in live else f"no live namespace for job {job}")
@@ -238,10 +239,16 @@ class Daemon:
 
     def _start_removals(self):
         while self.removals and len(self.workers) < self.cfg.remove_workers and not self.stopping:
-            parent, name = self.removals.pop(0)
+            parent, name = self.removals[0]
             r, w = os.pipe2(os.O_CLOEXEC)
             daemon_pid = os.getpid()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:
+                os.close(r)
+                os.close(w)
+                raise               # the removal stays queued; tried again next turn
+            self.removals.pop(0)
             if pid == 0:
                 code = 1
                 try:
@@ -249,6 +256,12 @@ class Daemon:
                     os.close(r)
                     pfd = safefs.open_dir(parent)
                     owner = _owner_of(pfd, name)
+                    # A limit= image still mounted (a sweep or retry after a
+                    # crash): removal never crosses it, so detach it first.
+                    try:
+                        namespace.umount_limited_fs(parent, name)
+                    except OSError:
+                        pass
                     stats = safefs.remove_tree(pfd, name)
                     os.write(w, json.dumps(dict(stats.__dict__, user=owner)).encode()[:60000])
                     code = 0
@@ -335,13 +348,17 @@ class Daemon:
             self.req_user = f.get("user") or f["uid"]
             st = namespace.read_state(cfg, job)
             ident = namespace.pin_identity(cfg, job)
+            # Same job, run, owner and pinned namespace: a duplicate Prolog.
+            # A namespace left by an earlier job with this id (missed
+            # Epilog, then job ids wrapped) must never go to another user.
             if (st and st.get("state") == namespace.STATE_READY and st.get("restart") == restart
+                    and st.get("uid") == f["uid"] and st.get("gid") == f["gid"]
                     and ident and list(ident) == st.get("ns")):
                 return protocol.ok(job=job, dir=st["dir"], existing=True)
             if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)):
                 # A previous run of this job (requeue without Epilog here,
                 # or a half-made attempt): start from nothing.
-                namespace.destroy(cfg, job, on_trash=self.queue_removal)
+                namespace.destroy(cfg, job, restart_hint=restart, on_trash=self.queue_removal)
             try:
                 st = namespace.create(cfg, job, restart, f["uid"], f["gid"], f.get("user", ""),
                                       on_trash=self.queue_removal)
@@ -443,6 +460,7 @@ class Daemon:
                     (skipped if item["processes"] else jobs).append(item)
             for item in skipped:
                 item["reason"] += f"; processes {item['processes']} still inside: privtmpctl cleanup {item['job']}"
+                live[item["job"]] = None    # in use: the sweep below keeps all its directories
             orphans = None
         if not dry_run:
             for item in jobs:
@@ -485,10 +503,15 @@ class Daemon:
                     continue
                 size, when = self.kept_sizes.get(k["name"], (None, 0.0))
                 if size is None or time.monotonic() - when > 60:
+                    # Measured in the daemon's loop, so bounded: a kept tree
+                    # too big to measure quickly is too big to keep.
                     try:
-                        size = namespace.tree_bytes(pfd, k["name"])
+                        size, _, complete = safefs.tree_usage(pfd, k["name"], KEPT_MEASURE_MAX)
                     except OSError:
-                        size = 0
+                        size, complete = 0, True
+                    if not complete:
+                        self._drop_kept(pfd, k, f"more than {KEPT_MEASURE_MAX} entries")
+                        continue
                     self.kept_sizes[k["name"]] = (size, time.monotonic())
                 remaining.append((k, size))
             total = sum(size for _, size in remaining)
@@ -549,23 +572,33 @@ class Daemon:
                        mounts=",".join(self.cfg.mounts)))
         self.metrics.write()
         while not self.stopping:
-            self._retry_due()
-            self._start_removals()
-            timeout = 1.0
-            for key, _ in self.sel.select(timeout):
+            self._guarded("retry", self._retry_due)
+            self._guarded("remove", self._start_removals)
+            for key, _ in self.sel.select(1.0):
                 if key.data == "listen":
-                    self._accept()
+                    self._guarded("accept", self._accept)
                 elif key.data == "signal":
                     self._signals()
                 else:
-                    self._read(key.data)
-            self._expire()
+                    self._guarded("read", self._read, key.data)
+            self._guarded("expire", self._expire)
             if (self.cfg.keep_failed or self.kept_sizes) and time.monotonic() >= self.next_kept_check:
-                self.check_kept()
-            self._reap()
+                self._guarded("kept", self.check_kept)
+            self._guarded("reap", self._reap)
             self.metrics.set("privtmpd_removals_pending", len(self.removals) + len(self.workers) + len(self.deferred))
             self.metrics.maybe_write()
         self.shutdown()
+
+    def _guarded(self, what, step, *args):
+        """One step of the loop.  The daemon is the only server of every job
+        on the node: an unexpected error (EMFILE, ENOMEM, EIO from a sick
+        disk) is logged and the loop goes on, instead of taking the daemon
+        and every Prolog after it down.  _process already turns request
+        errors into replies; this is for everything around it."""
+        try:
+            step(*args)
+        except Exception as e:      # noqa: BLE001 - see above
+            log.error(event(what, "error", error=describe(e)))
 
     def _signals(self):
         try:

@@ -232,7 +232,7 @@ def _pin(cfg, job, pid):
 
 # --- processes -----------------------------------------------------------
 
-def processes_in(ns_id, holding=()):
+def processes_in(ns_id, holding=(), uid=None):
     """PIDs whose mount namespace is ns_id (dev, ino).  Only meaningful while
     the namespace is pinned: inode numbers are reused once it is freed.
 
@@ -259,12 +259,22 @@ def processes_in(ns_id, holding=()):
         except OSError:
             continue            # gone, or a zombie (which holds no namespace)
         if ident not in verdict:
-            if not holding:
+            # Only the job's user can have made a namespace from the job's
+            # (unless root did): reading every foreign namespace's mountinfo
+            # would let any user slow every Epilog with many mounts.
+            if not holding or (uid is not None and _proc_uid(name) != uid):
                 continue
             verdict[ident] = _mounts_any_of(pid, holding)
         if verdict[ident]:
             out.append(pid)
     return out
+
+
+def _proc_uid(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
 
 
 def mount_roots(paths):
@@ -307,7 +317,7 @@ def _mounts_any_of(pid, holding):
     return False
 
 
-def kill_processes_in(ns_id, timeout, holding=()):
+def kill_processes_in(ns_id, timeout, holding=(), uid=None):
     """SIGKILL every process still inside the job's namespace (Slurm has
     already had its chance to end them; what remains escaped its process
     tracking), and those in namespaces of their own that hold the job's
@@ -316,7 +326,7 @@ def kill_processes_in(ns_id, timeout, holding=()):
     killed = []
     deadline = time.monotonic() + timeout
     while True:
-        pids = [p for p in processes_in(ns_id, holding) if p != os.getpid()]
+        pids = [p for p in processes_in(ns_id, holding, uid) if p != os.getpid()]
         if not pids:
             return killed
         for pid in pids:
@@ -402,6 +412,14 @@ def _fork_namespace(binds, shm):
     return pid, st_r, go_w
 
 
+def _readable(fd, timeout):
+    """poll(2), not select(2): select fails on fds >= 1024, and the daemon
+    may hold that many (LimitNOFILE=65536)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP)
+    return bool(p.poll(timeout * 1000))
+
+
 def _wait_child(pid, st_fd, timeout=1.0):
     """Reap the namespace child once go_fd is closed.  Its end of the status
     pipe closes only when it exits, so EOF there says it is gone; polling
@@ -409,7 +427,7 @@ def _wait_child(pid, st_fd, timeout=1.0):
     ready = []
     try:
         while True:
-            ready, _, _ = select.select([st_fd], [], [], timeout)
+            ready = _readable(st_fd, timeout)
             if not ready or not os.read(st_fd, 4096):
                 break
     except OSError:
@@ -531,7 +549,7 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
     binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
     pid, st_fd, go_fd = _fork_namespace(binds, cfg.shm)
     try:
-        ready, _, _ = select.select([st_fd], [], [], timeout)
+        ready = _readable(st_fd, timeout)
         line = os.read(st_fd, 8192) if ready else b""
         if line.strip() != b"ok":
             if not ready:
@@ -580,7 +598,8 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         # as long as a process is in it: those are found by the job's
         # directories mounted in their namespace.
         target = ns_id or (os.stat("/proc/self/ns/mnt").st_dev, 0)
-        info["killed"] = kill_processes_in(target, cfg.kill_timeout, mount_roots(subdirs))
+        uid = state.get("uid") if type(state.get("uid")) is int else None
+        info["killed"] = kill_processes_in(target, cfg.kill_timeout, mount_roots(subdirs), uid)
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         unpin(cfg, job)
         info["unpinned"] = True
@@ -627,10 +646,33 @@ def keep_if_ours(pfd, cfg, dname, job, restart, until, exit_code):
         return None             # (a kept name already taken) removed instead
     fd = os.open(kname, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
     try:
+        _owner_only(fd)
         os.fchmod(fd, 0o711)
     finally:
         os.close(fd)
     return kname
+
+
+def _owner_only(fd, depth=0):
+    """While the job ran, the 0700 root-owned top kept other users out of
+    its directories; a kept top opens to 0711, so each user directory in it
+    (and in the limit= image, one level down) drops group and other access
+    whatever mode= gave it.  fd-relative, O_NOFOLLOW, fchmod on the inode."""
+    with os.scandir(fd) as it:
+        names_ = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+    for name in names_:
+        try:
+            cfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(cfd)
+            if st.st_uid != 0:
+                os.fchmod(cfd, st.st_mode & 0o700)
+            elif depth == 0:
+                _owner_only(cfd, 1)
+        finally:
+            os.close(cfd)
 
 
 def kept_dirs(cfg):
@@ -673,38 +715,6 @@ def _owner_uid(pfd, name):
         return None
     finally:
         os.close(fd)
-
-
-def tree_bytes(pfd, name):
-    """Disk usage (st_blocks) of a tree, fd-relative: never follows a
-    symlink, never crosses into another filesystem."""
-    total = 0
-    top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    dev = os.fstat(top).st_dev
-    stack = [top]
-    try:
-        while stack:
-            fd = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    for e in it:
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        total += st.st_blocks * 512
-                        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
-                            try:
-                                stack.append(os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                                     | os.O_CLOEXEC, dir_fd=fd))
-                            except OSError:
-                                pass
-            finally:
-                os.close(fd)
-    finally:
-        for fd in stack:
-            os.close(fd)
-    return total
 
 
 def trash_if_ours(pfd, cfg, dname, job, restart):

@@ -18,6 +18,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass, field
 
 from . import kernel
@@ -189,8 +190,16 @@ def _note_displaced(parent_fd, at, name, result):
     """Whatever sat at the job path: our own leftover (root-owned directory)
     is left under `at` for the caller to remove; anything else belongs to a
     user and is renamed <name>.squatted.<nonce> and left alone: root never
-    deletes what a user made, and never uses it."""
-    st = os.stat(at, dir_fd=parent_fd, follow_symlinks=False)
+    deletes what a user made, and never uses it.
+
+    Never raises: our directory is already in place, and the squatter (who
+    owns the displaced entry, in a sticky directory) may remove or rename
+    it at any moment; that must not fail the Prolog and drain the node."""
+    try:
+        st = os.stat(at, dir_fd=parent_fd, follow_symlinks=False)
+    except OSError as e:
+        result.displaced = f"an entry that its owner removed meanwhile ({e.strerror})"
+        return
     kind = stat.filemode(st.st_mode)
     if st.st_uid == 0 and stat.S_ISDIR(st.st_mode):
         result.displaced_ours = True
@@ -198,7 +207,11 @@ def _note_displaced(parent_fd, at, name, result):
         result.displaced = f"a leftover root-owned directory ({kind})"
         return
     squatted = f"{name}.squatted.{_nonce()}"
-    os.rename(at, squatted, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    try:
+        os.rename(at, squatted, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    except OSError as e:
+        result.displaced = f"{kind} owned by uid {st.st_uid}, moved away by its owner ({e.strerror})"
+        return
     result.displaced_name = squatted
     result.displaced = f"{kind} owned by uid {st.st_uid}, moved to {squatted}"
 
@@ -225,6 +238,9 @@ _have_openat2 = True
 # Deeper subtrees are moved up to the top directory and removed from there,
 # so a 100 000-level tree needs neither recursion nor 100 000 open fds.
 MAX_DEPTH = 64
+# New passes over a tree start only this long (a deep tree needs one
+# pass per MAX_DEPTH levels, each quick; a busy writer would need forever).
+PASSES_SECONDS = 300.0
 MAX_ERRORS_KEPT = 20
 
 
@@ -298,7 +314,12 @@ def remove_tree(parent_fd, name, stats=None):
             return stats
         raise
     try:
-        while True:
+        # Bounded: a process outside the job (holding a directory fd, or
+        # via /proc/PID/root) could otherwise keep adding entries and hold
+        # this worker forever.  What is left is reported, and the daemon
+        # retries it later.
+        deadline = time.monotonic() + PASSES_SECONDS
+        while time.monotonic() < deadline:
             # Only the last pass's failures count: an entry that a pass
             # missed (directories modified while listed) is retried.
             stats.failures, stats.mounts_skipped, stats.errors = 0, 0, []
@@ -308,6 +329,8 @@ def remove_tree(parent_fd, name, stats=None):
                 left = next(it, None) is not None
             if not left or (stats.files, stats.dirs) == before:
                 break
+        else:
+            stats.fail("remove_tree", name, errno.EAGAIN)     # still changing: retried later
     finally:
         os.close(top)
     try:
@@ -394,3 +417,51 @@ def _empty(top, stats):
             it.close()
             if nm is not None:
                 os.close(fd)
+
+
+def tree_usage(dirfd, name, max_entries=10_000_000, progress=None):
+    """(bytes, entries, complete) of dirfd/name, walked like removal: never
+    a symlink, never another mount, at most MAX_DEPTH directories open.
+    complete is False when max_entries or MAX_DEPTH cut the walk short
+    (callers that enforce a budget must then treat the tree as too big)."""
+    total = count = 0
+    complete = True
+    top = _open_child_dir(dirfd, name)
+    stack = [(top, os.scandir(top))]
+    try:
+        while stack:
+            fd, it = stack[-1]
+            child = None
+            for e in it:
+                count += 1
+                if count > max_entries:
+                    return total, count, False
+                if progress and not count % 1000:
+                    progress(count, total)
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += st.st_blocks * 512
+                if not stat.S_ISDIR(st.st_mode):
+                    continue
+                if len(stack) >= MAX_DEPTH:
+                    complete = False
+                    continue
+                try:
+                    cfd = _open_child_dir(fd, e.name)
+                except OSError:
+                    continue
+                child = (cfd, os.scandir(cfd))
+                break
+            if child:
+                stack.append(child)
+                continue
+            fd, it = stack.pop()
+            it.close()
+            os.close(fd)
+    finally:
+        for fd, it in stack:
+            it.close()
+            os.close(fd)
+    return total, count, complete

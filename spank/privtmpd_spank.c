@@ -124,7 +124,9 @@ static int ask_create(spank_t sp, const char *rundir, uint32_t jobid)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -1;
+	/* SO_SNDTIMEO also bounds connect() on a full listen backlog. */
 	if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0 &&
+	    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) == 0 &&
 	    connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
 	    write(fd, req, len) == len && shutdown(fd, SHUT_WR) == 0)
 		while (got < (ssize_t)sizeof(rep) &&
@@ -133,8 +135,33 @@ static int ask_create(spank_t sp, const char *rundir, uint32_t jobid)
 	close_keep_errno(fd);
 	if (got == sizeof(rep) && !memcmp(rep, "{\"ok\":true", sizeof(rep)))
 		return 0;
-	errno = got ? EPROTO : errno;
+	errno = got ? EPROTO : (errno ? errno : ECONNRESET);
 	return -1;
+}
+
+/*
+ * The job's /dev/shm must be a tmpfs of its own (mountinfo root "/"):
+ * MS_REMOUNT changes the whole superblock, so a bind of a directory of
+ * some other filesystem (mount=/dev/shm) would resize that filesystem for
+ * every job on the node.  The last matching line is the mount on top.
+ */
+static int shm_is_own_tmpfs(void)
+{
+	char line[4096], root[PATH_MAX], mp[PATH_MAX], fstype[64], *dash;
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	int ok = 0;
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f)) {
+		dash = strstr(line, " - ");
+		if (dash && sscanf(line, "%*d %*d %*s %4095s %4095s", root, mp) == 2
+		    && sscanf(dash + 3, "%63s", fstype) == 1
+		    && !strcmp(mp, "/dev/shm"))
+			ok = !strcmp(root, "/") && !strcmp(fstype, "tmpfs");
+	}
+	fclose(f);
+	return ok;
 }
 
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
@@ -249,9 +276,16 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 		errno = EEXIST;
 		if (job_shm.st_dev == host_shm.st_dev)
 			goto fail;
+		what = "/dev/shm in the job is not a tmpfs of its own (use "
+			"shm=job:N% in privtmpd.conf, not mount=/dev/shm)";
+		if (!shm_is_own_tmpfs()) {
+			errno = EINVAL;
+			goto fail;
+		}
 		what = "cannot resize the job's /dev/shm";
+		/* size=0 would mean unlimited: at least 1 MB. */
 		snprintf(opt, sizeof(opt), "size=%llum",
-			 (unsigned long long)(mem * shm / 100));
+			 (unsigned long long)(mem * shm / 100 ? mem * shm / 100 : 1));
 		if (mount(NULL, "/dev/shm", NULL,
 			  MS_REMOUNT | MS_NOSUID | MS_NODEV, opt) < 0)
 			goto fail;
