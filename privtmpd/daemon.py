@@ -174,12 +174,7 @@ class Daemon:
             with os.scandir(pfd) as it:
                 entries = [e.name for e in it if e.name.startswith((cfg.base_name + ".", "." + cfg.base_name + "."))]
             for name in entries:
-                try:
-                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                # Users cannot create root-owned directories: only those are ours.
-                if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+                if not safefs.is_ours(pfd, name):
                     continue
                 jr = match.job_dir(name)
                 path = f"{cfg.base_parent}/{name}"

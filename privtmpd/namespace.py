@@ -632,11 +632,7 @@ def keep_if_ours(pfd, cfg, dname, job, restart, until, exit_code):
     """Rename a job directory of ours to its kept name and let its owner
     reach it: the top stays root's (that marks it ours) with mode 0711, the
     subdirectories stay the user's, 0700.  Returns the kept name or None."""
-    try:
-        st = os.stat(dname, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+    if not safefs.is_ours(pfd, dname):
         return None
     kname = names.kept_name(cfg.base_name, job, restart, int(until), exit_code)
     try:
@@ -685,11 +681,7 @@ def kept_dirs(cfg):
         with os.scandir(pfd) as it:
             found = [(e.name, k) for e in it if (k := match.kept(e.name))]
         for name, (job, restart, until, code) in found:
-            try:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+            if not safefs.is_ours(pfd, name):
                 continue
             out.append({"name": name, "path": f"{cfg.base_parent}/{name}", "job": job, "restart": restart,
                         "until": until, "exit_code": code, "uid": _owner_uid(pfd, name)})
@@ -720,11 +712,7 @@ def _owner_uid(pfd, name):
 def trash_if_ours(pfd, cfg, dname, job, restart):
     """Rename a job directory to its trash name if it is ours (a root-owned
     directory; users cannot create those).  Returns the trash name or None."""
-    try:
-        st = os.stat(dname, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if not (stat.S_ISDIR(st.st_mode) and st.st_uid == 0):
+    if not safefs.is_ours(pfd, dname):
         return None
     umount_limited_fs(cfg.base_parent, dname)
     tname = names.trash_name(cfg.base_name, job, restart, safefs._nonce())

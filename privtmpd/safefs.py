@@ -216,6 +216,17 @@ def _note_displaced(parent_fd, at, name, result):
     result.displaced = f"{kind} owned by uid {st.st_uid}, moved to {squatted}"
 
 
+def is_ours(parent_fd, name):
+    """parent/name is a directory owned by root: the mark of everything
+    privtmpd makes next to user-writable places (users cannot create
+    root-owned entries; they can create anything else with our names)."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
+
+
 def rename_aside(parent_fd, name, new_name):
     """Atomically take a job directory out of its path.  False if absent."""
     try:
