@@ -374,7 +374,11 @@ def _child_setup(binds, shm):
     for target, src, tgt in opened:
         flags = _mount_flags_of(src)
         kernel.mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, kernel.MS_BIND)
-        kernel.mount(None, target, None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
+        # Remount through an fd on the new mount's root, checked to be the
+        # job's directory (a bind's root is that very inode), not by path.
+        st = os.fstat(src)
+        top = safefs.open_verified(target, st.st_dev, st.st_ino)
+        kernel.mount(None, f"/proc/self/fd/{top}", None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
     if shm:
         # shm=job:N%: N% of the RAM until the entry helper, which knows the
         # job's memory on this node, resizes it in the job's first task.

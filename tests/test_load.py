@@ -137,3 +137,36 @@ def test_more_clients_than_the_daemon_serves_at_once_wait_not_fail(daemon):
         for s in silent:
             s.close()
     assert daemon.destroy(4242)["ok"]
+
+
+@pytest.mark.root
+def test_a_million_files(daemon, figures):
+    """A job that leaves 1 000 000 small files: the Epilog's wait stays that
+    of an empty job (the tree is renamed away, O(1)) and the background
+    removal frees everything."""
+    assert daemon.create(4300)["ok"]
+    top = f"{daemon.job_dir(4300)}/tmp"
+    t0 = time.monotonic()
+    made = 0
+    for d in range(1000):
+        os.mkdir(f"{top}/d{d}")
+        dfd = os.open(f"{top}/d{d}", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(1000):
+                os.close(os.open(str(i), os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=dfd))
+                made += 1
+        finally:
+            os.close(dfd)
+    built = time.monotonic() - t0
+    t0 = time.monotonic()
+    assert daemon.destroy(4300)["ok"]
+    epilog_ms = (time.monotonic() - t0) * 1000
+    assert not os.path.exists(daemon.job_dir(4300))        # out of the way at once
+    t0 = time.monotonic()
+    daemon.wait_removals(timeout=600)
+    removed = time.monotonic() - t0
+    assert [n for n in os.listdir(daemon.base_parent) if "4300" in n] == []
+    assert "files=1000000" in daemon.log()
+    assert epilog_ms < 2000
+    figures("a job that left a million small files", files=made, epilog_ms=round(epilog_ms, 1),
+            removal_seconds=round(removed, 1), build_seconds=round(built, 1), leaked=0)

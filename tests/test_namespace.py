@@ -3,6 +3,7 @@
 
 import os
 import stat
+import shutil
 import subprocess
 import time
 import uuid
@@ -267,3 +268,28 @@ def test_private_dev_shm(daemon_factory):
     assert not os.path.exists(f"/dev/shm/privtmpd-test-{tag}")
     # The host /dev/shm is not mounted over.
     assert all(x[1] == "/" for x in mounts_at("/dev/shm"))
+
+
+@pytest.mark.root
+def test_mount_made_inside_the_job_is_neither_leaked_nor_traversed(daemon):
+    """A bind mount made inside the job's namespace (root in the job, or a
+    setuid helper) over a directory in the job's /tmp: the host never sees
+    it, and teardown never deletes through it."""
+    canary = f"{daemon.rundir}-canary"
+    os.makedirs(canary, exist_ok=True)
+    with open(f"{canary}/keep", "w") as f:
+        f.write("canary\n")
+    try:
+        assert daemon.create(9101)["ok"]
+        pin = daemon.pin(9101)
+        subprocess.run(["nsenter", f"--mount={pin}", "--", "sh", "-c",
+                        f"mkdir /tmp/m && mount --bind {canary} /tmp/m && test -e /tmp/m/keep"], check=True)
+        with open("/proc/self/mountinfo") as f:
+            assert "/tmp/m " not in f.read()                  # not leaked to the host
+        assert os.listdir(f"{daemon.job_dir(9101)}/tmp/m") == []   # the host sees the plain directory
+        assert daemon.destroy(9101)["ok"]
+        daemon.wait_removals()
+        assert not os.path.exists(daemon.job_dir(9101))
+        assert open(f"{canary}/keep").read() == "canary\n"    # never deleted through the mount
+    finally:
+        shutil.rmtree(canary, ignore_errors=True)
