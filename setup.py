@@ -18,6 +18,7 @@ from setuptools.dist import Distribution
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPANK_SRC = os.path.join("spank", "privtmpd_spank.c")
+PAM_SRC = os.path.join("pam", "pam_privtmpd.c")
 HEADER_DIRS = ("/usr/include", "/usr/local/include")
 
 
@@ -44,6 +45,12 @@ class BuildPyWithSpank(build_py):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         subprocess.check_call([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror",
                                "-o", out, os.path.join(HERE, SPANK_SRC)])
+        # The PAM session module for ssh sessions adopted into a job
+        # (docs/features.md), when the PAM headers are there too.
+        if any(os.path.exists(os.path.join(d, "security", "pam_modules.h")) for d in HEADER_DIRS):
+            subprocess.check_call([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror",
+                                   "-o", os.path.join(os.path.dirname(out), "pam_privtmpd.so"),
+                                   os.path.join(HERE, PAM_SRC), "-lpam"])
 
 
 class BinaryDistribution(Distribution):
