@@ -150,6 +150,9 @@ def _hook_request(kind, env):
                "uid": env.get("SLURM_JOB_UID", ""), "gid": env.get("SLURM_JOB_GID", "")}
         if "SLURM_JOB_USER" in env:
             msg["user"] = env["SLURM_JOB_USER"][:64]
+        conf = env.get("SLURM_CONF", "")
+        if conf.startswith("/") and len(conf) <= 1024 and conf.isprintable():
+            msg["slurm_conf"] = conf      # for limit_from=tmp: where slurmctld is
         return msg
     msg = {"op": "destroy", "job": job}
     if "SLURM_JOB_RESTART_COUNT" in env:

@@ -44,6 +44,7 @@ class Config:
     keep_failed: int = 0        # seconds a failed job's directories are kept; 0 = removed at once
     keep_max: int = 1 << 30     # bytes all kept directories may use together; oldest evicted beyond
     limit: int = 0              # bytes: each job's directories live in a filesystem image this big; 0 = off
+    limit_from: str = ""        # "tmp": the job's --tmp request when it made one, else limit=
     source: str = "<defaults>"
     lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
 
@@ -204,6 +205,15 @@ def parse(text, source="<string>"):
             kw["limit"] = _size_bytes(v, "limit", at("limit"))
             if not 16 << 20 <= kw["limit"] <= 64 << 40:
                 raise ConfigError(f"{at('limit')}: limit={v}: must be between 16m and 64t")
+    if "limit_from" in values:
+        v = values["limit_from"]
+        if v not in ("tmp", "no"):
+            raise ConfigError(f"{at('limit_from')}: limit_from={v!r}: use limit_from=tmp (the job's --tmp "
+                              f"request) or limit_from=no")
+        if v == "tmp" and not kw.get("limit"):
+            raise ConfigError(f"{at('limit_from')}: limit_from=tmp needs limit=<size>, the size of jobs "
+                              f"that request no --tmp")
+        kw["limit_from"] = "" if v == "no" else v
     if "tmpdir" in values:
         v = values["tmpdir"]
         kw["tmpdir"] = v if v == "none" else _abs_path(v, "tmpdir", at("tmpdir"))
@@ -222,7 +232,7 @@ def parse(text, source="<string>"):
 
 
 _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
-         "metrics_dir", "keep_failed", "keep_max", "limit"}
+         "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from"}
 
 MKFS_PATHS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
 
@@ -301,6 +311,13 @@ def _check_no_symlinks(path, what):
     return None
 
 
+def scontrol_path():
+    for d in ("/usr/bin", "/usr/local/bin", "/opt/slurm/bin"):
+        if os.access(f"{d}/scontrol", os.X_OK):
+            return f"{d}/scontrol"
+    return None
+
+
 def check_filesystem(cfg):
     """Start-up checks against the running system; returns warnings."""
     warnings = []
@@ -317,6 +334,9 @@ def check_filesystem(cfg):
     # world-writable parent is acceptable only with the sticky bit (/tmp),
     # because then nobody but root can rename or remove our root-owned
     # job directories in it.
+    if cfg.limit_from and not scontrol_path():
+        raise ConfigError(f"{cfg.lines.get('limit_from', cfg.source)}: limit_from=tmp asks slurmctld for "
+                          f"the job's --tmp with scontrol, which is not installed (slurm-client)")
     if cfg.limit and not mkfs_path():
         raise ConfigError(f"{cfg.lines.get('limit', cfg.source)}: limit= needs mkfs.ext4 "
                           f"(apt-get install e2fsprogs / dnf install e2fsprogs)")

@@ -450,8 +450,8 @@ def _wait_child(pid, st_fd, timeout=1.0):
 LIMITED_FS = "fs"      # limit=: mount point of the job's filesystem in its job directory
 
 
-def _make_limited_fs(cfg, dpath, subs, uid, gid):
-    """limit=: an ext4 image of cfg.limit bytes (sparse: it takes only what
+def _make_limited_fs(cfg, dpath, subs, uid, gid, size):
+    """limit=: an ext4 image of `size` bytes (sparse: it takes only what
     the job writes) in the root-owned job directory, loop-mounted on the
     host side at <dir>/fs (so the directories of a failed job can be kept
     and read), with the job's directories in it.  At the limit the job gets
@@ -461,7 +461,7 @@ def _make_limited_fs(cfg, dpath, subs, uid, gid):
     img = f"{dpath}/{LIMITED_FS}.img"
     fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, cfg.limit)
+        os.ftruncate(fd, size)
     finally:
         os.close(fd)
     mnt = f"{dpath}/{LIMITED_FS}"
@@ -523,8 +523,10 @@ def job_dir(cfg, job, restart):
     return f"{cfg.base_parent}/{names.job_dir_name(cfg.base_name, job, restart)}"
 
 
-def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
+def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, limit=None):
     """Build and pin job's namespace.  Returns the state dict.
+
+    limit: bytes of the job's limit= filesystem (default cfg.limit).
 
     on_trash(parent, name) receives directories to remove in the background
     (a leftover of ours found at the job path)."""
@@ -534,12 +536,13 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
     state = {"job": job, "restart": restart, "uid": uid, "gid": gid, "user": user,
              "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
              "created": time.time(), "state": STATE_CREATING}
+    limit = cfg.limit if limit is None else limit
+    if limit:
+        state["limit"] = limit
     write_state(cfg, job, state)
-    if cfg.limit:
-        state["limit"] = cfg.limit
     pfd = safefs.open_dir(cfg.base_parent)
     try:
-        placement = safefs.create_job_dir(pfd, dname, [] if cfg.limit else [sub for _, sub in plan],
+        placement = safefs.create_job_dir(pfd, dname, [] if limit else [sub for _, sub in plan],
                                           uid, gid, cfg.mode)
         if placement.displaced_ours and on_trash:
             on_trash(cfg.base_parent, placement.displaced_name)
@@ -547,9 +550,9 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0):
         os.close(pfd)
     state["displaced"] = placement.displaced
     top = dpath
-    if cfg.limit:
+    if limit:
         top = f"{dpath}/{LIMITED_FS}"
-        placement.subdirs = _make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid)
+        placement.subdirs = _make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid, limit)
     binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
     pid, st_fd, go_fd = _fork_namespace(binds, cfg.shm)
     try:

@@ -51,6 +51,13 @@ def _exit_code(v):
     return names.parse_id(v, "exit code")
 
 
+def _slurm_conf(v):
+    # Only ever given to scontrol as SLURM_CONF (limit_from=tmp).
+    if not isinstance(v, str) or not v.startswith("/") or len(v) > 1024 or not v.isprintable():
+        raise names.BadName("slurm_conf must be an absolute path")
+    return v
+
+
 def _flag(v):
     if not isinstance(v, bool):
         raise names.BadName("must be true or false")
@@ -60,7 +67,7 @@ def _flag(v):
 # op -> {field: (parser, required)}
 OPS = {
     "create": {"job": (_job, True), "restart": (_restart, True), "uid": (_uid, True),
-               "gid": (_gid, True), "user": (_user, False)},
+               "gid": (_gid, True), "user": (_user, False), "slurm_conf": (_slurm_conf, False)},
     "destroy": {"job": (_job, True), "restart": (_restart, False), "exit_code": (_exit_code, False)},
     "status": {},
     "list": {},

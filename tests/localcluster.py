@@ -337,7 +337,7 @@ class LocalCluster:
             lines.append(self.extra_conf.strip())
         lines += [
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={ncpus} "
-            "RealMemory=1024 State=UNKNOWN",
+            "RealMemory=1024 TmpDisk=10000 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE "
             "State=UP",
         ]

@@ -241,7 +241,8 @@ def config_texts(draw):
 
 _GOOD = {"base": "/tmp/slurm", "mount": "/tmp", "rundir": "/run/pt", "socket": "/run/pt/s",
          "mode": "0700", "shm": "64m", "tmpdir": "/tmp", "remove_workers": "2", "kill_timeout": "5",
-         "metrics_dir": "/var/lib/m", "keep_failed": "1h", "keep_max": "2g", "limit": "1g"}
+         "metrics_dir": "/var/lib/m", "keep_failed": "1h", "keep_max": "2g", "limit": "1g",
+         "limit_from": "tmp"}
 
 
 def one_key_per_line():
