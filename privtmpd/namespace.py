@@ -473,21 +473,10 @@ def _make_limited_fs(cfg, dpath, subs, uid, gid, size):
         if r.returncode:
             raise NamespaceError(f"limit=: {' '.join(argv[:2])} failed: {(r.stderr or r.stdout).strip()[:500]}")
     fsfd = safefs.open_dir(mnt)
-    made = {}
     try:
-        for sub in subs:
-            os.mkdir(sub, 0o700, dir_fd=fsfd)
-            sfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fsfd)
-            try:
-                os.fchown(sfd, uid, gid)
-                os.fchmod(sfd, cfg.mode)
-                st = os.fstat(sfd)
-                made[sub] = (st.st_dev, st.st_ino)
-            finally:
-                os.close(sfd)
+        return safefs.make_user_dirs(fsfd, subs, uid, gid, cfg.mode)
     finally:
         os.close(fsfd)
-    return made
 
 
 def config_mkfs():

@@ -111,17 +111,7 @@ def create_job_dir(parent_fd, name, subdirs, uid, gid, mode):
                 raise UnsafePath(errno.EPERM, f"{tmp} was replaced before it could be opened")
             ours = (st.st_dev, st.st_ino)
             os.fchmod(jfd, 0o700)
-            made = {}
-            for sub in subdirs:
-                os.mkdir(sub, 0o700, dir_fd=jfd)
-                sfd = os.open(sub, _DIR_FLAGS, dir_fd=jfd)
-                try:
-                    os.fchown(sfd, uid, gid)
-                    os.fchmod(sfd, mode)
-                    sst = os.fstat(sfd)
-                    made[sub] = (sst.st_dev, sst.st_ino)
-                finally:
-                    os.close(sfd)
+            made = make_user_dirs(jfd, subdirs, uid, gid, mode)
         finally:
             os.close(jfd)
         result = Placement(made)
@@ -143,6 +133,25 @@ def _remove_if_ours(parent_fd, tmp, ours):
         return
     if ours is None or (st.st_dev, st.st_ino) == ours:
         remove_tree(parent_fd, tmp)
+
+
+def make_user_dirs(dirfd, subdirs, uid, gid, mode):
+    """mkdir each of subdirs in dirfd (a root-owned directory nobody else
+    can write), then hand it to uid:gid with mode through an fd on the new
+    inode.  Returns {name: (st_dev, st_ino)}, the identity the namespace
+    child checks before binding it."""
+    made = {}
+    for sub in subdirs:
+        os.mkdir(sub, 0o700, dir_fd=dirfd)
+        sfd = os.open(sub, _DIR_FLAGS, dir_fd=dirfd)
+        try:
+            os.fchown(sfd, uid, gid)
+            os.fchmod(sfd, mode)
+            st = os.fstat(sfd)
+            made[sub] = (st.st_dev, st.st_ino)
+        finally:
+            os.close(sfd)
+    return made
 
 
 def _place(parent_fd, tmp, name, result):
