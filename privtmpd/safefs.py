@@ -291,6 +291,30 @@ def _open_child_dir(dirfd, name):
     return fd
 
 
+class OverBudget(Exception):
+    """remove_tree stopped at its Budget; what is left is still in place
+    (the RemoveStats passed in count what was removed)."""
+
+
+class Budget:
+    """Bounds one removal done inside the daemon: entries, bytes and a
+    deadline.  Bytes matter because unlinking a big file frees its extents
+    synchronously, and that cannot be interrupted: a file over the budget
+    is left for a worker, before it is unlinked.  Charged once per entry,
+    before acting on it."""
+
+    __slots__ = ("entries", "bytes", "deadline")
+
+    def __init__(self, entries, nbytes, deadline):
+        self.entries, self.bytes, self.deadline = entries, nbytes, deadline
+
+    def charge(self, nbytes=0):
+        self.entries -= 1
+        self.bytes -= nbytes
+        if self.entries < 0 or self.bytes < 0 or time.monotonic() > self.deadline:
+            raise OverBudget()
+
+
 @dataclass
 class RemoveStats:
     files: int = 0
@@ -310,10 +334,11 @@ class RemoveStats:
         return self.failures == 0 and self.mounts_skipped == 0
 
 
-def remove_tree(parent_fd, name, stats=None):
+def remove_tree(parent_fd, name, stats=None, budget=None):
     """Remove parent/name and everything below it.  Unremovable entries
     (immutable files, mount points) are counted and reported; the rest is
-    removed anyway.  Returns RemoveStats."""
+    removed anyway.  Returns RemoveStats.  With a Budget, raises OverBudget
+    once it is spent (stats then count what was removed)."""
     stats = stats or RemoveStats()
     try:
         top = _open_child_dir(parent_fd, name)
@@ -344,7 +369,7 @@ def remove_tree(parent_fd, name, stats=None):
             # missed (directories modified while listed) is retried.
             stats.failures, stats.mounts_skipped, stats.errors = 0, 0, []
             before = (stats.files, stats.dirs)
-            _empty(top, stats)
+            _empty(top, stats, budget)
             with os.scandir(top) as it:
                 left = next(it, None) is not None
             if not left or (stats.files, stats.dirs) == before:
@@ -363,7 +388,7 @@ def remove_tree(parent_fd, name, stats=None):
     return stats
 
 
-def _empty(top, stats):
+def _empty(top, stats, budget=None):
     counter = 0
     stack = [(top, os.scandir(top), None)]
     try:
@@ -376,9 +401,13 @@ def _empty(top, stats):
                     is_dir = entry.is_dir(follow_symlinks=False)
                 except OSError:
                     is_dir = False
+                if is_dir and budget is not None:
+                    budget.charge()
                 if not is_dir:
                     try:
                         st = entry.stat(follow_symlinks=False)
+                        if budget is not None:
+                            budget.charge(st.st_blocks * 512)
                         os.unlink(nm, dir_fd=fd)
                         stats.files += 1
                         stats.bytes += st.st_blocks * 512

@@ -456,6 +456,28 @@ def test_background_removal_survives_daemon_crash(daemon_factory, when):
     assert not re.search(r"op=remove .*result=(error|incomplete)", daemon.log()), daemon.log()
 
 
+def test_small_trees_removed_by_the_daemon_big_ones_by_a_worker(daemon):
+    """Most jobs leave a few files: the daemon removes them itself after
+    the Epilog's reply, without forking.  A tree over the inline budget in
+    entries, or holding a file over its bytes, is finished by a worker, and
+    the log counts every file either way."""
+    from privtmpd import daemon as daemon_mod
+    many = daemon_mod.INLINE_ENTRIES + 500
+    for job in (240, 241, 242):
+        assert daemon.create(job)["ok"]
+    fill(daemon.pin(240), 10)
+    fill(daemon.pin(241), many)
+    nsenter(daemon.pin(242), "fallocate", "-l", str(daemon_mod.INLINE_BYTES + (1 << 20)), "/tmp/big", user=USER)
+    for job in (240, 241, 242):
+        assert daemon.destroy(job, restart=0)["ok"]
+    daemon.wait_removals(timeout=120)
+    assert job_entries(daemon) == []
+    log = daemon.log()
+    assert re.search(r"job=240 .*op=remove result=ok .* by=daemon files=10 dirs=4 ", log), log
+    assert re.search(rf"job=241 .*op=remove result=ok .* by=worker files={many} dirs=6 ", log), log
+    assert re.search(r"job=242 .*op=remove result=ok .* by=worker files=1 dirs=3 bytes=6[0-9]{7}", log), log
+
+
 # --- clients ---------------------------------------------------------------------
 
 def test_non_root_client_refused(daemon):

@@ -427,6 +427,37 @@ def test_remove_missing_is_a_no_op(work):
     assert stats.complete and stats.files == 0 and stats.dirs == 0
 
 
+def test_remove_within_a_budget(work):
+    """The daemon removes small trees itself, within a Budget: it stops
+    before the entry that would exceed it (a big file is never unlinked
+    over the budget: that cannot be interrupted), leaks no fd, and what is
+    left is removed by a later remove_tree."""
+    tmp = make_job(work)
+    for i in range(50):
+        mkfile(f"{tmp}/f{i}")
+    fds = len(os.listdir("/proc/self/fd"))
+    far = time.monotonic() + 60
+    stats = safefs.RemoveStats()
+    with pytest.raises(safefs.OverBudget):
+        safefs.remove_tree(work.fd, "job.3.0", stats, safefs.Budget(10, 1 << 30, far))
+    # Charged: tmp (not yet removed) and 9 files; the 11th entry stops it.
+    assert (stats.files, stats.dirs) == (9, 0)
+    assert len(os.listdir(tmp)) == 41
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+    subprocess.run(["fallocate", "-l", "4M", f"{tmp}/big"], check=True)
+    with pytest.raises(safefs.OverBudget):
+        safefs.remove_tree(work.fd, "job.3.0", safefs.RemoveStats(), safefs.Budget(1000, 1 << 20, far))
+    assert os.path.exists(f"{tmp}/big"), "unlinked a file over the byte budget"
+
+    with pytest.raises(safefs.OverBudget):
+        safefs.remove_tree(work.fd, "job.3.0", safefs.RemoveStats(), safefs.Budget(1000, 1 << 30, 0.0))
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+    stats = safefs.remove_tree(work.fd, "job.3.0")
+    assert stats.complete and not os.path.exists(work.path("job.3.0"))
+
+
 def test_remove_5000_deep(work):
     tmp = make_job(work)
     make_deep(tmp, 5000, leaf_files=3)
