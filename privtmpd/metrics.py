@@ -179,6 +179,11 @@ class Metrics:
         self.dirty = False
         self.last = time.monotonic()
 
-    def maybe_write(self):
-        if self.dirty and time.monotonic() - self.last >= WRITE_INTERVAL:
+    def maybe_write(self, sample=None):
+        """Write if something changed and WRITE_INTERVAL has passed; sample()
+        first sets the gauges that are read, not counted (they cost a
+        directory listing or two, so only when a write is due)."""
+        if self.path and self.dirty and time.monotonic() - self.last >= WRITE_INTERVAL:
+            if sample:
+                sample()
             self.write()
