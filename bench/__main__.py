@@ -77,6 +77,7 @@ def main(argv=None):
             continue
         t0 = time.monotonic()
         daemon = DaemonProc(f"bench-{section}")
+        res["machine"]["daemon_rundir"] = common.rundir_on_tmpfs(daemon.rundir)
         daemon.start()
         try:
             hooks = common.make_hooks(f"{BENCH_ROOT}/hooks-{section}", daemon.socket)

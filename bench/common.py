@@ -220,6 +220,21 @@ def machine_info():
     return info
 
 
+def rundir_on_tmpfs(rundir):
+    """Every systemd machine (a compute node included) has /run on a tmpfs;
+    a VM or container may not (here: the root ext4, mounted with discard,
+    where every unlink of a state file costs a discard).  The daemon's
+    run directory gets a tmpfs of its own then, as a node would have it.
+    Returns what it is on ("tmpfs" or "tmpfs, mounted by the bench");
+    DaemonProc.cleanup() unmounts it."""
+    if _fstype("/run") == "tmpfs":
+        return "tmpfs"
+    os.makedirs(rundir, mode=0o755, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev,size=64m", "privtmpd-bench", rundir],
+                   check=True)
+    return f"tmpfs, mounted by the bench (/run is {_fstype('/run')})"
+
+
 def _fstype(path):
     r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", path], capture_output=True, text=True)
     return r.stdout.strip()
