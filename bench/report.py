@@ -105,11 +105,16 @@ def table(res):
     td = res.get("teardown")
     if td:
         add("3. Teardown of big jobs (ms)")
-        add(f"   {'files':>9s} {'Epilog':>8s} {'space free':>11s} {'worker':>9s} {'rm -rf':>9s} {'worker/rm':>10s}")
+        add(f"   {'files':>9s} {'1st proc':>9s} {'Epilog':>8s} {'destroy':>8s} {'space free':>11s} {'worker':>9s} "
+            f"{'rm -rf':>9s} {'worker/rm':>10s}")
         for n, t in sorted(td.items(), key=lambda kv: int(kv[0])):
-            add(f"   {int(n):>9d} {t['epilog_ms']['median']:8.1f} {t['free_ms']['median']:11.0f} "
-                f"{t['worker_ms']['median']:9.0f} {t['rm_rf_ms']['median']:9.0f} "
+            first = t.get("first_process_ms", {}).get("median")
+            add(f"   {int(n):>9d} {first if first is not None else float('nan'):9.1f} "
+                f"{t['epilog_ms']['median']:8.1f} {t['daemon_destroy_ms']['median']:8.2f} "
+                f"{t['free_ms']['median']:11.0f} {t['worker_ms']['median']:9.0f} {t['rm_rf_ms']['median']:9.0f} "
                 f"{t['worker_over_rm_rf']['median']:10.2f}")
+        add("   1st proc: an empty python3 -IS hook started right after the job's files were written and")
+        add("   synced, before the Epilog (the first process then is slower whatever it does); destroy: in the daemon")
         add("")
     sc = res.get("scale")
     if sc:

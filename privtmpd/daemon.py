@@ -316,7 +316,7 @@ class Daemon:
         except safefs.OverBudget:
             self.partial[(parent, name)] = stats
             return False
-        except OSError as e:
+        except Exception as e:      # noqa: BLE001 - as a worker reports it: logged, retried later
             info = {"error": describe(e)}
         finally:
             os.close(pfd)

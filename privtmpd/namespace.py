@@ -402,8 +402,8 @@ class _NamespaceThread(threading.Thread):
     the namespace lives on in the fd it hands back, until pinned.
 
     A thread instead of a forked child: no fork of the daemon's memory
-    (copy-on-write faults on both sides), no child to reap; create went
-    from 2.9 to 1.2 ms in the daemon.  The thread never returns to the host
+    (copy-on-write faults on both sides), no child to reap; the daemon's
+    create went from 3.0 to 1.5 ms (docs/performance.md).  The thread never returns to the host
     namespace and is never reused, so nothing else ever runs in a job's
     namespace, and a failure half-way leaves nothing behind but a namespace
     no one references."""
