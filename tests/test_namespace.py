@@ -293,3 +293,62 @@ def test_mount_made_inside_the_job_is_neither_leaked_nor_traversed(daemon):
         assert open(f"{canary}/keep").read() == "canary\n"    # never deleted through the mount
     finally:
         shutil.rmtree(canary, ignore_errors=True)
+
+
+def test_daemon_stays_in_the_host_namespace_with_one_thread(daemon):
+    """Each job's namespace is built by a thread of its own that ends:
+    after many creates the daemon still has a single thread, and it is in
+    the host's mount namespace, not in any job's."""
+    host = os.readlink("/proc/self/ns/mnt")
+    pid = daemon.proc.pid
+    pins = set()
+    for job in range(700, 720):
+        assert daemon.create(job)["ok"]
+        pins.add(os.stat(daemon.pin(job)).st_ino)
+    assert len(pins) == 20
+    assert os.readlink(f"/proc/{pid}/ns/mnt") == host
+    assert os.listdir(f"/proc/{pid}/task") == [str(pid)]
+    for job in range(700, 720):
+        assert daemon.destroy(job)["ok"]
+
+
+def test_namespace_thread_abandoned_on_timeout(monkeypatch):
+    """A namespace build that hangs (a mount point that does not answer)
+    fails the create after the timeout; when the thread finally ends, the
+    namespace it made is closed, not leaked.  The hang is simulated: no
+    real mount point can be made to hang on cue."""
+    import threading
+
+    from privtmpd import namespace
+
+    release = threading.Event()
+
+    def slow_setup(binds, shm, opened):
+        release.wait(10)
+        return os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+
+    monkeypatch.setattr(namespace, "_setup_in", slow_setup)
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(namespace.NamespaceError, match="timed out"):
+        namespace.build_namespace([], None, timeout=0.2)
+    [t] = [t for t in threading.enumerate() if t.name == "privtmpd-ns"]
+    release.set()
+    t.join(10)
+    assert not t.is_alive()
+    assert set(os.listdir("/proc/self/fd")) == fds, "the abandoned namespace's fd leaked"
+
+
+def test_namespace_thread_error_keeps_its_type(tmp_path):
+    """An error in the thread reaches the daemon as raised there (a
+    KernelError names the syscall and the path), with no fd left open."""
+    from privtmpd import namespace
+
+    fds = set(os.listdir("/proc/self/fd"))
+    src = tmp_path / "gone"
+    src.mkdir()
+    st = os.stat(src)
+    src.rmdir()
+    with pytest.raises(OSError) as e:
+        namespace.build_namespace([("/tmp", str(src), st.st_dev, st.st_ino)], None)
+    assert str(src) in str(e.value) or "gone" in str(e.value)
+    assert set(os.listdir("/proc/self/fd")) == fds
