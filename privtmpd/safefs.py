@@ -177,21 +177,26 @@ def _place(parent_fd, tmp, name, result):
 
 
 def _place_plain(parent_fd, tmp, name, result):
-    # rename(2) atomically replaces an empty directory and fails on anything
-    # else; move whatever blocks aside and retry.
+    # Without RENAME_NOREPLACE, rename(2) would silently replace an empty
+    # directory of a user's at the job path: move whatever is there aside
+    # first, and only then rename ours in.  What is left is a window of one
+    # system call in which a user could still slip in an empty directory;
+    # closing it needs the flag this filesystem lacks.
     for _ in range(16):
+        aside = f".{name}.aside.{_nonce()}"
+        try:
+            os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        except FileNotFoundError:
+            pass
+        else:
+            _note_displaced(parent_fd, aside, name, result)
+            continue            # look again: something may have taken its place
         try:
             os.rename(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
             return
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                 raise
-        aside = f".{name}.aside.{_nonce()}"
-        try:
-            os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-        except FileNotFoundError:
-            continue
-        _note_displaced(parent_fd, aside, name, result)
     raise UnsafePath(errno.EEXIST, f"{name} keeps being re-created while the job starts")
 
 

@@ -211,6 +211,30 @@ def test_create_displaces_squatter(work, kind):
     assert work.canary_intact()
 
 
+@pytest.mark.parametrize("kind", ["empty-user-dir", "user-dir"])
+def test_create_without_renameat2_flags_displaces_squatter(work, monkeypatch, kind):
+    """On a filesystem without RENAME_NOREPLACE/EXCHANGE (EINVAL), the plain
+    rename(2) fallback would replace an empty directory: a user's one, even
+    empty, is moved aside like any squatter, never replaced."""
+    real = kernel.renameat2
+
+    def no_flags(olddirfd, oldpath, newdirfd, newpath, flags):
+        if flags:
+            raise kernel.KernelError(errno.EINVAL, "renameat2", newpath)
+        return real(olddirfd, oldpath, newdirfd, newpath, flags)
+
+    monkeypatch.setattr(kernel, "renameat2", no_flags)
+    as_user("mkdir job.7.0" + (" && echo planted > job.7.0/planted" if kind == "user-dir" else ""),
+            cwd=work.parent)
+    before = os.lstat(work.path("job.7.0"))
+    pl = safefs.create_job_dir(work.fd, "job.7.0", SUBS, USER, USER, 0o750)
+    check_ours(work, "job.7.0", pl, 0o750)
+    assert pl.displaced_name.startswith("job.7.0.squatted.")
+    moved = os.lstat(work.path(pl.displaced_name))
+    assert (moved.st_ino, moved.st_uid) == (before.st_ino, USER)
+    assert sorted(os.listdir(work.parent)) == sorted(["job.7.0", pl.displaced_name])
+
+
 def test_create_replaces_our_leftover(work):
     # A root-owned directory at the job path is a leftover of ours (users
     # cannot make root-owned directories): swapped out and handed back for
