@@ -86,14 +86,18 @@ def make_hooks(hookdir, socket_path):
     for kind in ("prolog", "epilog"):
         with open(os.path.join(REPO, "scripts", f"{kind}.py")) as f:
             text = f.read()
-        anchor = "from privtmpd.client import run_hook"
-        calls = [line for line in text.splitlines() if line.startswith("sys.exit(run_hook(")]
+        anchor = "from privtmpd.client import exit_hook, run_hook"
+        calls = [line for line in text.splitlines() if line.startswith("exit_hook(run_hook(")]
         if len(calls) != 1 or anchor not in text:
             raise RuntimeError(f"scripts/{kind}.py changed shape: update bench.common.make_hooks")
         text = text.replace(anchor, f"sys.path.insert(0, {REPO!r})\n{anchor}", 1)
-        text = text.replace(calls[0], f'sys.exit(run_hook("{kind}", ["--socket", {socket_path!r}]))', 1)
+        text = text.replace(calls[0], f'exit_hook(run_hook("{kind}", ["--socket", {socket_path!r}]))', 1)
         out[kind] = write_file(os.path.join(hookdir, f"{kind}.py"), text)
     out["empty-py"] = write_file(os.path.join(hookdir, "empty.py"), f"#!{HOOK_PYTHON} -IS\n")
+    # The same, ending as ours do (posix._exit, no interpreter finalization):
+    # the floor of a Python hook that skips it too.
+    out["empty-py-exit"] = write_file(os.path.join(hookdir, "empty-exit.py"),
+                                      f"#!{HOOK_PYTHON} -IS\nimport posix\nposix._exit(0)\n")
     out["empty-sh"] = write_file(os.path.join(hookdir, "empty.sh"), "#!/bin/sh\n")
     return out
 

@@ -15,13 +15,13 @@ from .common import HOOK_PYTHON, REPO, LogReader, log, run_hook, slurm_env, summ
 
 def sequential(hooks, daemon, n, job0):
     reader = LogReader(daemon.log_path)
-    walls = {"prolog": [], "epilog": [], "empty-py": [], "empty-sh": []}
+    walls = {"prolog": [], "epilog": [], "empty-py": [], "empty-py-exit": [], "empty-sh": []}
     for i in range(n + 5):
         job = job0 + i
         env = slurm_env(job)
         # ABAB: floor, hook, floor, hook.
         t = {"empty-py": run_hook(hooks["empty-py"], env), "prolog": run_hook(hooks["prolog"], env),
-             "empty-sh": run_hook(hooks["empty-sh"], env)}
+             "empty-sh": run_hook(hooks["empty-sh"], env), "empty-py-exit": run_hook(hooks["empty-py-exit"], env)}
         t["epilog"] = run_hook(hooks["epilog"], dict(env, SLURM_SCRIPT_CONTEXT="epilog_slurmd"))
         if i >= 5:                       # the first few warm the caches
             for k, v in t.items():

@@ -26,6 +26,10 @@ def goals(res):
         v = _get(r, "privtmpd_over_floor_overhead", "median")
         out.append(("  stricter reading: overhead over bare within 10% of the floor's overhead",
                     f"{v:.2f}x" if v is not None else "-", v is not None and v <= 1.10))
+        v = _get(r, "privtmpd_over_exit_floor_overhead", "median")
+        if v is not None:
+            out.append(("  same, against empty hooks that also skip finalization (py-hooks-exit)",
+                         f"{v:.2f}x", v <= 1.10))
     hk = res.get("hooks")
     if hk:
         for kind in ("prolog", "epilog"):
@@ -73,6 +77,9 @@ def table(res):
             add(f"   {m}: privtmpd/jc-tmpfs overhead {fmt_spread(r['privtmpd_over_jc_overhead'], 2)}, "
                 f"privtmpd/floor overhead {fmt_spread(r['privtmpd_over_floor_overhead'], 2)}, "
                 f"privtmpd/floor total {fmt_spread(r['privtmpd_over_floor_total'], 3)}")
+            if r.get("privtmpd_over_exit_floor_overhead", {}).get("n"):
+                add(f"   {'':{len(m)}s}  privtmpd/py-hooks-exit overhead "
+                    f"{fmt_spread(r['privtmpd_over_exit_floor_overhead'], 2)}")
         d = sl.get("daemon_in_slurm", {})
         if d.get("create", {}).get("n"):
             add(f"   daemon inside those jobs: create {fmt_spread(d['create'])} ms, destroy {fmt_spread(d['destroy'])} ms")
@@ -83,6 +90,7 @@ def table(res):
         add(f"2. Hooks, run as slurmd runs them ({s['prolog']['n']} sequential jobs; ms)")
         add(f"   {'':22s} {'p50':>7s} {'p99':>7s}")
         for k, label in (("prolog", "Prolog"), ("epilog", "Epilog"), ("empty-py", "empty python3 -IS"),
+                         ("empty-py-exit", "  same, posix._exit"),
                          ("empty-sh", "empty /bin/sh"), ("daemon_create", "daemon: create"),
                          ("daemon_destroy", "daemon: destroy")):
             add(f"   {label:22s} {s[k]['median']:7.2f} {s[k]['p99']:7.2f}")
@@ -159,7 +167,7 @@ def chart(res, path):
     panels = (("per_job", "srun true: per-job time over bare Slurm"),
               ("batch_start", "sbatch: allocation -> first line, over bare"),
               ("step", "step inside an allocation, over bare"))
-    colors = {"sh-hooks": "#9e9e9e", "py-hooks": "#616161", "contain": "#90a4ae",
+    colors = {"sh-hooks": "#9e9e9e", "py-hooks": "#616161", "py-hooks-exit": "#424242", "contain": "#90a4ae",
               "jc-tmpfs": "#e57373", "privtmpd": "#43a047", "privtmpd-noprolog": "#1b5e20"}
     for ax, (metric, title) in zip(axes, panels):
         med, lo, hi = [], [], []

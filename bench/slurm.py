@@ -23,6 +23,7 @@ CONFIGS = {
     "bare": "no Prolog/Epilog",
     "sh-hooks": "empty /bin/sh Prolog+Epilog",
     "py-hooks": "empty python3 -IS Prolog+Epilog (floor)",
+    "py-hooks-exit": "the same, ending with posix._exit as ours do",
     "contain": "PrologFlags=Contain, no hooks",
     "jc-tmpfs": "job_container/tmpfs (PrologFlags=Contain)",
     "privtmpd": "privtmpd (Prolog+Epilog+entry helper)",
@@ -36,6 +37,8 @@ def _cluster_for(name, hooks, so, daemon):
         kw.update(prolog=hooks["empty-sh"], epilog=hooks["empty-sh"])
     elif name == "py-hooks":
         kw.update(prolog=hooks["empty-py"], epilog=hooks["empty-py"])
+    elif name == "py-hooks-exit":
+        kw.update(prolog=hooks["empty-py-exit"], epilog=hooks["empty-py-exit"])
     elif name == "contain":
         kw.update(extra_conf="PrologFlags=Contain")
     elif name == "jc-tmpfs":
@@ -232,5 +235,6 @@ def _aggregate(per_round, daemon_ops):
             "privtmpd_over_jc_overhead": ratio("privtmpd", "jc-tmpfs"),
             "privtmpd_over_floor_overhead": ratio("privtmpd", "py-hooks"),
             "privtmpd_over_floor_total": summary([get(r["privtmpd"]) / get(r["py-hooks"]) for r in per_round]),
+            "privtmpd_over_exit_floor_overhead": ratio("privtmpd", "py-hooks-exit"),
         }
     return out

@@ -36,6 +36,6 @@ def _find_package():
 
 
 _find_package()
-from privtmpd.client import run_hook  # noqa: E402
+from privtmpd.client import exit_hook, run_hook  # noqa: E402
 
-sys.exit(run_hook("epilog" if __file__.rpartition("/")[2].startswith("epilog") else "prolog"))
+exit_hook(run_hook("epilog" if __file__.rpartition("/")[2].startswith("epilog") else "prolog"))

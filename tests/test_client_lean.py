@@ -112,3 +112,14 @@ def test_request_parses_full_replies(fake_daemon):
 def test_request_reports_a_missing_daemon(tmp_path):
     with pytest.raises(client.ClientError, match="is privtmpd running"):
         client.request({"op": "status"}, str(tmp_path / "none.sock"), timeout=1, retry=0)
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_exit_hook_keeps_status_and_output(code):
+    """Success ends with posix._exit (no interpreter finalization), after
+    flushing what was written; a failure exits normally.  Either way the
+    status is the hook's and nothing written is lost."""
+    prog = ("import sys; sys.path.insert(0, %r); from privtmpd.client import exit_hook; "
+            "print('out', end=''); sys.stderr.write('err'); exit_hook(%d); print('not reached')" % (REPO, code))
+    r = subprocess.run(["/usr/bin/python3", "-IS", "-c", prog], capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == (code, "out", "err")
