@@ -33,6 +33,8 @@
 #include <security/pam_modules.h>
 #include <security/pam_ext.h>
 
+#include "../spank/trusted_dir.h"
+
 /* The job id in /proc/self/cgroup (job_<id> components); 0 if none, -1 if
  * the lines disagree (then we do not guess). */
 static long adopted_job(void)
@@ -59,40 +61,12 @@ static long adopted_job(void)
 	return job;
 }
 
-/* As in the entry helper: open <path> component by component, no symlinks,
- * every directory root-owned and not writable by group or other. */
-static int open_trusted_dir(char *path)
-{
-	char *comp, *save = NULL;
-	struct stat st;
-	int fd, next;
-
-	fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	for (comp = strtok_r(path, "/", &save); fd >= 0;
-	     comp = strtok_r(NULL, "/", &save)) {
-		if (fstat(fd, &st) < 0)
-			break;
-		if (st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
-			errno = EPERM;
-			break;
-		}
-		if (!comp)
-			return fd;
-		next = openat(fd, comp,
-			      O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-		close(fd);
-		fd = next;
-	}
-	if (fd >= 0)
-		close(fd);
-	return -1;
-}
-
 int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
 			const char **argv)
 {
 	const char *rundir = "/run/privtmpd", *tmpdir = "/tmp";
 	char path[4096], idstr[24], env[4200];
+	const char *what = "";
 	int i, dirfd, nsfd;
 	long job;
 
@@ -122,17 +96,21 @@ int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
 	snprintf(idstr, sizeof(idstr), "%ld", job);
 	if (snprintf(path, sizeof(path), "%s/ns", rundir) >= (int)sizeof(path))
 		return PAM_SESSION_ERR;
-	dirfd = open_trusted_dir(path);
-	nsfd = dirfd < 0 ? -1 : openat(dirfd, idstr, O_RDONLY | O_NOFOLLOW |
-				       O_NONBLOCK | O_CLOEXEC);
+	dirfd = open_trusted_dir(path, &what);
+	if (dirfd < 0) {
+		pam_syslog(pamh, LOG_ERR, "job %ld: %s/ns: %s: %m", job,
+			   rundir, what);
+		return PAM_SESSION_ERR;
+	}
+	nsfd = openat(dirfd, idstr, O_RDONLY | O_NOFOLLOW | O_NONBLOCK |
+		      O_CLOEXEC);
 	if (nsfd < 0 || ioctl(nsfd, NS_GET_NSTYPE) != CLONE_NEWNS ||
 	    setns(nsfd, CLONE_NEWNS) < 0) {
 		pam_syslog(pamh, LOG_ERR, "job %ld: cannot enter its namespace "
 			   "%s/ns/%s: %m", job, rundir, idstr);
 		if (nsfd >= 0)
 			close(nsfd);
-		if (dirfd >= 0)
-			close(dirfd);
+		close(dirfd);
 		return PAM_SESSION_ERR;
 	}
 	close(nsfd);

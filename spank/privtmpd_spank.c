@@ -40,59 +40,14 @@
 #include <linux/nsfs.h>
 #include <slurm/spank.h>
 
+#include "trusted_dir.h"
+
 SPANK_PLUGIN(privtmpd, 1);
 
 #define HINT_NOPIN "no private namespace for this job: is privtmpd running " \
 	"and did the Prolog succeed?"
 #define HINT_STALE "stale pin: a plain file with no namespace mounted on " \
 	"it; privtmpd must recreate or remove it"
-
-static void close_keep_errno(int fd)
-{
-	int saved = errno;
-
-	if (fd >= 0)
-		close(fd);
-	errno = saved;
-}
-
-/*
- * Open an absolute directory path one component at a time with O_NOFOLLOW,
- * so no symlink anywhere in it is followed, and insist that every directory
- * on the way is root-owned and not writable by group or other: whoever can
- * write to one of them can rename a directory of their own into the path
- * and have us enter a namespace they built.
- */
-static int open_trusted_dir(char *path, const char **what)
-{
-	char *comp, *save = NULL;
-	struct stat st;
-	int fd, next;
-
-	fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	for (comp = strtok_r(path, "/", &save); fd >= 0;
-	     comp = strtok_r(NULL, "/", &save)) {
-		*what = "cannot stat a directory of the pin path";
-		if (fstat(fd, &st) < 0)
-			break;
-		*what = "a directory of the pin path is not root-owned or is "
-			"writable by group/other";
-		if (st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
-			errno = EPERM;
-			break;
-		}
-		if (!comp)
-			return fd;
-		*what = "cannot open a directory of the pin path (missing, "
-			"or a symlink)";
-		next = openat(fd, comp,
-			      O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-		close_keep_errno(fd);
-		fd = next;
-	}
-	close_keep_errno(fd);
-	return -1;
-}
 
 /*
  * create=yes (no Prolog): ask privtmpd to build the job's namespace.  The

@@ -317,6 +317,23 @@ def test_pam_session_of_a_job_without_namespace_is_refused(daemon, pam_setup):
 
 
 @root
+def test_pam_refuses_an_untrusted_pin_directory(daemon, pam_setup):
+    """The PAM module walks to the pin like the entry helper (one shared
+    open_trusted_dir): a pin directory writable by group or other is
+    refused, whatever pin it holds."""
+    daemon.create(304)
+    assert pam_setup(daemon, 304, ["true"]).returncode == 0
+    ns = f"{daemon.rundir}/ns"
+    mode = os.stat(ns).st_mode & 0o7777
+    os.chmod(ns, mode | 0o020)
+    try:
+        r = pam_setup(daemon, 304, ["sh", "-c", "echo logged-in"])
+    finally:
+        os.chmod(ns, mode)
+    assert r.returncode == 10 and "logged-in" not in r.stdout
+
+
+@root
 def test_pam_bad_argument_refuses_the_session(daemon, pam_setup):
     daemon.create(303)
     r = pam_setup(daemon, 303, ["true"], conf_extra="bogus=1")
