@@ -70,6 +70,17 @@ def daemon(daemon_factory):
 
 
 @pytest.fixture
+def node_healthy(request):
+    """After each test on a module's `stack` (harness.Stack): the node is
+    idle again and was never drained.  Slurm tests use it through
+    pytest.mark.usefixtures("node_healthy")."""
+    stack = request.getfixturevalue("stack")
+    yield
+    stack.cluster.wait_idle(timeout=60)
+    stack.cluster.assert_not_drained()
+
+
+@pytest.fixture
 def figures(request):
     """record(case, **figures): one JSON line per measured case, appended to
     $PRIVTMPD_RELIABILITY_LOG when set (tools/reliability_report.py turns

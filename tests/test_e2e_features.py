@@ -10,7 +10,7 @@ import pytest
 
 from harness import Stack
 
-pytestmark = [pytest.mark.slurm, pytest.mark.root]
+pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.usefixtures("node_healthy")]
 
 U1, U2 = "privtmp1", "privtmp2"
 
@@ -24,13 +24,6 @@ def stack():
     s.start()
     yield s
     s.stop()
-
-
-@pytest.fixture(autouse=True)
-def _node_healthy(stack):
-    yield
-    stack.cluster.wait_idle(timeout=60)
-    stack.cluster.assert_not_drained()
 
 
 def _shm_mb(out):

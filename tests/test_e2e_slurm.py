@@ -10,7 +10,7 @@ import pytest
 
 from harness import Stack
 
-pytestmark = [pytest.mark.slurm, pytest.mark.root]
+pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.usefixtures("node_healthy")]
 
 U1, U2 = "privtmp1", "privtmp2"
 
@@ -20,13 +20,6 @@ def stack():
     s = Stack("e2e").start()
     yield s
     s.stop()
-
-
-@pytest.fixture(autouse=True)
-def _node_healthy(stack):
-    yield
-    stack.cluster.wait_idle(timeout=60)
-    stack.cluster.assert_not_drained()
 
 
 def _wait_for(pred, timeout=60, what="condition"):
