@@ -45,6 +45,7 @@ class Config:
     keep_max: int = 1 << 30     # bytes all kept directories may use together; oldest evicted beyond
     limit: int = 0              # bytes: each job's directories live in a filesystem image this big; 0 = off
     limit_from: str = ""        # "tmp": the job's --tmp request when it made one, else limit=
+    count_bytes: bool = False   # lstat every file a removal worker unlinks, to log the bytes freed
     source: str = "<defaults>"
     lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
 
@@ -214,6 +215,12 @@ def parse(text, source="<string>"):
             raise ConfigError(f"{at('limit_from')}: limit_from=tmp needs limit=<size>, the size of jobs "
                               f"that request no --tmp")
         kw["limit_from"] = "" if v == "no" else v
+    if "count_bytes" in values:
+        v = values["count_bytes"].lower()
+        if v not in ("yes", "no"):
+            raise ConfigError(f"{at('count_bytes')}: count_bytes={values['count_bytes']!r}: use count_bytes=yes "
+                              f"(log the bytes each removal frees, at one lstat per file) or count_bytes=no")
+        kw["count_bytes"] = v == "yes"
     if "tmpdir" in values:
         v = values["tmpdir"]
         kw["tmpdir"] = v if v == "none" else _abs_path(v, "tmpdir", at("tmpdir"))
@@ -232,7 +239,7 @@ def parse(text, source="<string>"):
 
 
 _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
-         "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from"}
+         "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from", "count_bytes"}
 
 MKFS_PATHS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
 

@@ -371,6 +371,7 @@ def cmd_config_check(cfg, args):
                             "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
                             "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value,
                             "remove_workers": cfg.remove_workers, "kill_timeout": cfg.kill_timeout,
+                            "count_bytes": cfg.count_bytes,
                             "metrics_dir": cfg.metrics_dir or None})
     for w in warnings:
         print(f"warning: {w}")

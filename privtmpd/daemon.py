@@ -280,7 +280,7 @@ class Daemon:
                         namespace.umount_limited_fs(parent, name)
                     except OSError:
                         pass
-                    stats = safefs.remove_tree(pfd, name)
+                    stats = safefs.remove_tree(pfd, name, sizes=self.cfg.count_bytes)
                     os.write(w, json.dumps(dict(stats.__dict__, user=owner)).encode()[:60000])
                     code = 0
                 except BaseException as e:
@@ -367,23 +367,28 @@ class Daemon:
                 # What the inline attempt removed before handing over.
                 for k in ("files", "dirs", "bytes"):
                     info[k] += getattr(done, k)
+                info["sized"] = info["sized"] and done.sized
             self._removal_done(parent, name, info, (time.monotonic() - t0) * 1000)
 
     def _removal_done(self, parent, name, info, ms, by="worker"):
         """Log, count and (on failure) schedule a retry of one removal,
         done by a worker or by the daemon itself (inline)."""
         job, user, where = _job_of(self.cfg, name), info.get("user"), f"{parent}/{name}"
+        # Bytes only when every removed file was measured (count_bytes=, or
+        # removed inline, which measures them for its budget): a partial
+        # sum in a log line or the counter would read as the job's usage.
+        sized = {"bytes": info["bytes"]} if info.get("sized") else {}
         if "error" in info:
             log.error(event("remove", "error", job, user, ms, dir=where, by=by, error=info["error"]))
             self.metrics.inc("privtmpd_removals_total", result="error")
         elif info.get("failures") or info.get("mounts_skipped"):
             log.error(event("remove", "incomplete", job, user, ms, dir=where, by=by, files=info["files"],
-                            bytes=info["bytes"], left=info["failures"], mounts_skipped=info["mounts_skipped"],
+                            **sized, left=info["failures"], mounts_skipped=info["mounts_skipped"],
                             errors="; ".join(info["errors"][:5])))
             self.metrics.inc("privtmpd_removals_total", result="incomplete")
         else:
             log.info(event("remove", "ok", job, user, ms, dir=where, by=by, files=info["files"],
-                           dirs=info["dirs"], bytes=info["bytes"]))
+                           dirs=info["dirs"], **sized))
             self.metrics.inc("privtmpd_removals_total", result="ok")
         if "error" in info or info.get("failures") or info.get("mounts_skipped"):
             self._defer(parent, name, job)
@@ -393,7 +398,8 @@ class Daemon:
         if "files" in info:
             self.metrics.inc("privtmpd_removed_files_total", info["files"])
             self.metrics.inc("privtmpd_removed_dirs_total", info["dirs"])
-            self.metrics.inc("privtmpd_removed_bytes_total", info["bytes"])
+            if sized:
+                self.metrics.inc("privtmpd_removed_bytes_total", info["bytes"])
             self.metrics.observe("privtmpd_remove_seconds", ms / 1000)
 
     # --- requests --------------------------------------------------------

@@ -54,7 +54,8 @@ FAMILIES = {
                                 {}, SLOW_BUCKETS),
     "privtmpd_removed_files_total": ("counter", "Files and other non-directories removed.", {}, None),
     "privtmpd_removed_dirs_total": ("counter", "Directories removed.", {}, None),
-    "privtmpd_removed_bytes_total": ("counter", "Bytes of disk space freed by removals.", {}, None),
+    "privtmpd_removed_bytes_total": ("counter", "Bytes freed by removals that measured them (count_bytes=).",
+                                     {}, None),
     "privtmpd_orphans_swept_total": ("counter", "Job directories found without a live job and removed.",
                                      {}, None),
 }

@@ -94,6 +94,12 @@ def test_shm_values(value, expect):
     assert parse(f"shm={value}\n").shm == expect
 
 
+def test_count_bytes():
+    assert parse("").count_bytes is False
+    assert parse("count_bytes=yes\n").count_bytes is True
+    assert parse("count_bytes=No\n").count_bytes is False
+
+
 def test_tmpdir_none_and_default_without_tmp():
     assert parse("mount=/var/tmp\n").tmpdir_value == "none"
     assert parse("tmpdir=none\n").tmpdir_value == "none"
@@ -138,6 +144,8 @@ BAD = [
     ("kill_timeout=-1", "must be between"),
     ("tmpdir=/scratch/tmp", "is not under any private mount"),
     ("tmpdir=relative", "must be an absolute path"),
+    ("count_bytes=1", "use count_bytes=yes"),
+    ("count_bytes=", "use count_bytes=yes"),
 ]
 
 
@@ -242,7 +250,7 @@ def config_texts(draw):
 _GOOD = {"base": "/tmp/slurm", "mount": "/tmp", "rundir": "/run/pt", "socket": "/run/pt/s",
          "mode": "0700", "shm": "64m", "tmpdir": "/tmp", "remove_workers": "2", "kill_timeout": "5",
          "metrics_dir": "/var/lib/m", "keep_failed": "1h", "keep_max": "2g", "limit": "1g",
-         "limit_from": "tmp"}
+         "limit_from": "tmp", "count_bytes": "yes"}
 
 
 def one_key_per_line():

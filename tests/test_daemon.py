@@ -456,12 +456,16 @@ def test_background_removal_survives_daemon_crash(daemon_factory, when):
     assert not re.search(r"op=remove .*result=(error|incomplete)", daemon.log()), daemon.log()
 
 
-def test_small_trees_removed_by_the_daemon_big_ones_by_a_worker(daemon):
+@pytest.mark.parametrize("count_bytes", ["no", "yes"])
+def test_small_trees_removed_by_the_daemon_big_ones_by_a_worker(daemon_factory, count_bytes):
     """Most jobs leave a few files: the daemon removes them itself after
     the Epilog's reply, without forking.  A tree over the inline budget in
     entries, or holding a file over its bytes, is finished by a worker, and
-    the log counts every file either way."""
+    the log counts every file either way.  Bytes are logged when every
+    file was measured: always inline, by a worker only with count_bytes=yes
+    (a partial sum would read as the job's usage)."""
     from privtmpd import daemon as daemon_mod
+    daemon = daemon_factory(f"count_bytes={count_bytes}")
     many = daemon_mod.INLINE_ENTRIES + 500
     for job in (240, 241, 242):
         assert daemon.create(job)["ok"]
@@ -473,9 +477,15 @@ def test_small_trees_removed_by_the_daemon_big_ones_by_a_worker(daemon):
     daemon.wait_removals(timeout=120)
     assert job_entries(daemon) == []
     log = daemon.log()
-    assert re.search(r"job=240 .*op=remove result=ok .* by=daemon files=10 dirs=4 ", log), log
-    assert re.search(rf"job=241 .*op=remove result=ok .* by=worker files={many} dirs=6 ", log), log
-    assert re.search(r"job=242 .*op=remove result=ok .* by=worker files=1 dirs=3 bytes=6[0-9]{7}", log), log
+    assert re.search(r"job=240 .*op=remove result=ok .* by=daemon files=10 dirs=4 bytes=[0-9]+$", log, re.M), log
+    if count_bytes == "yes":
+        assert re.search(rf"job=241 .*op=remove result=ok .* by=worker files={many} dirs=6 bytes=[0-9]+$", log,
+                         re.M), log
+        assert re.search(r"job=242 .*op=remove result=ok .* by=worker files=1 dirs=3 bytes=6[0-9]{7}$", log,
+                         re.M), log
+    else:
+        assert re.search(rf"job=241 .*op=remove result=ok .* by=worker files={many} dirs=6$", log, re.M), log
+        assert re.search(r"job=242 .*op=remove result=ok .* by=worker files=1 dirs=3$", log, re.M), log
 
 
 # --- clients ---------------------------------------------------------------------

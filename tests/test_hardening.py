@@ -57,10 +57,10 @@ def test_remove_tree_gives_up_on_a_tree_that_keeps_growing(tmp_path, monkeypatch
     real_empty = safefs._empty
     counter = [0]
 
-    def empty_then_refill(fd, stats, budget=None):
+    def empty_then_refill(fd, stats, *args):
         # What a process holding a directory fd of the tree could do:
         # every pass finds something new.
-        real_empty(fd, stats, budget)
+        real_empty(fd, stats, *args)
         counter[0] += 1
         fd2 = os.open(f"f{counter[0]}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd)
         os.close(fd2)

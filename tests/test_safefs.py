@@ -482,6 +482,26 @@ def test_remove_within_a_budget(work):
     assert stats.complete and not os.path.exists(work.path("job.3.0"))
 
 
+@pytest.mark.parametrize("sizes", [False, True])
+def test_remove_measures_bytes_only_when_asked(work, sizes):
+    """Without sizes= a removal is one unlinkat per file, as rm -rf does;
+    with it (or under a Budget, which needs the sizes) every file is
+    lstat'ed first and the stats say whether bytes cover all of them."""
+    tmp = make_job(work)
+    subprocess.run(["fallocate", "-l", "2M", f"{tmp}/big"], check=True)
+    for i in range(5):
+        mkfile(f"{tmp}/f{i}")
+    stats = safefs.remove_tree(work.fd, "job.3.0", sizes=sizes)
+    assert stats.complete and stats.files == 6 and stats.dirs == 2
+    assert stats.sized is sizes
+    assert (stats.bytes >= 2 << 20) if sizes else stats.bytes == 0
+
+    tmp = make_job(work)
+    mkfile(f"{tmp}/f")
+    stats = safefs.remove_tree(work.fd, "job.3.0", budget=safefs.Budget(100, 1 << 30, time.monotonic() + 60))
+    assert stats.sized and stats.bytes > 0
+
+
 def test_remove_5000_deep(work):
     tmp = make_job(work)
     make_deep(tmp, 5000, leaf_files=3)
