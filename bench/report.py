@@ -136,6 +136,10 @@ def table(res):
         dc = sc["daemon_create_ms"]
         add(f"   create (daemon ms): job 1 {dc['job_1']:.2f}, job {n} {dc[f'job_{n}']:.2f}; "
             f"median of {k.replace('_', ' ')} {dc[k]['median']:.2f}, {kl.replace('_', ' ')} {dc[kl]['median']:.2f}")
+        dd = sc["daemon_destroy_ms"]
+        if k in dd:
+            add(f"   destroy (daemon ms): median of {k.replace('_', ' ')} (all {n} live) {dd[k]['median']:.2f}, "
+                f"{kl.replace('_', ' ')} {dd[kl]['median']:.2f}")
         for where in ("shared", "private"):
             b, lv = sc["host_mount_before"][where], sc["host_mount_live"][where]
             add(f"   host mount+umount under a {where} mount: {b['mount_ms']['median'] + b['umount_ms']['median']:.3f} ms "

@@ -95,7 +95,11 @@ def run(opts, daemon):
             r = client.request({"op": "destroy", "job": str(job0 + i)}, daemon.socket, timeout=60, retry=5)
             rtt_d.append((time.perf_counter() - t0) * 1000)
         ops = reader.ops()
-        out["daemon_destroy_ms"] = summary(list(ops["destroy"].values()))
+        # Destroyed in creation order: the first k with all n live, the last
+        # k with at most k left.
+        dds = [ops["destroy"].get(job0 + i) for i in range(n)]
+        out["daemon_destroy_ms"] = {f"first_{k}": summary(dds[:k]), f"last_{k}": summary(dds[-k:]),
+                                    "all": summary(dds)}
         out["destroy_rtt_ms"] = {f"first_{k}": summary(rtt_d[:k]), f"last_{k}": summary(rtt_d[-k:])}
         wait_removals(daemon)
         out["daemon_after"] = proc_status(daemon.proc.pid)

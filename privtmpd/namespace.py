@@ -237,12 +237,15 @@ def processes_in(ns_id, holding=(), uid=None):
     """PIDs whose mount namespace is ns_id (dev, ino).  Only meaningful while
     the namespace is pinned: inode numbers are reused once it is freed.
 
-    holding: mount_roots() of the job's directories.  A job's user can
-    create a user namespace and in it a mount namespace of their own
-    (unshare -Urm): its processes carry copies of the job's mounts but are
-    not in ns_id.  With holding, processes of any other namespace (except
-    ours) that has one of the job's directories mounted are included."""
+    holding: paths of the job's directories.  A job's user can create a
+    user namespace and in it a mount namespace of their own (unshare -Urm):
+    its processes carry copies of the job's mounts but are not in ns_id.
+    With holding, processes of any other namespace (except ours) that has
+    one of the job's directories mounted are included.  Where those are
+    mounted from (mount_roots) is only worked out when such a process turns
+    up: it reads the host's mountinfo, one line per live job."""
     out = []
+    roots = None
     # Namespaces are told apart by readlink of /proc/PID/ns/mnt ("mnt:[INODE]"):
     # half the cost of a stat, which follows the magic link into nsfs
     # (2 instead of 4 ms per 1000 processes).  Every mount namespace is an
@@ -265,7 +268,9 @@ def processes_in(ns_id, holding=(), uid=None):
             # would let any user slow every Epilog with many mounts.
             if not holding or (uid is not None and _proc_uid(name) != uid):
                 continue
-            verdict[ident] = _mounts_any_of(pid, holding)
+            if roots is None:
+                roots = mount_roots(holding)
+            verdict[ident] = bool(roots) and _mounts_any_of(pid, roots)
         if verdict[ident]:
             out.append(pid)
     return out
@@ -304,13 +309,13 @@ def mount_roots(paths):
     return out
 
 
-def _mounts_any_of(pid, holding):
+def _mounts_any_of(pid, roots):
     try:
         with open(f"/proc/{pid}/mountinfo", "rb") as f:
             for line in f:
                 fields = line.split(b" ", 5)
                 root = _unescape(fields[3])
-                for dev, top in holding:
+                for dev, top in roots:
                     if fields[2] == dev and (root == top or root.startswith(top + b"/")):
                         return True
     except OSError:
@@ -590,7 +595,7 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         # directories mounted in their namespace.
         target = ns_id or (os.stat("/proc/self/ns/mnt").st_dev, 0)
         uid = state.get("uid") if type(state.get("uid")) is int else None
-        info["killed"] = kill_processes_in(target, cfg.kill_timeout, mount_roots(subdirs), uid)
+        info["killed"] = kill_processes_in(target, cfg.kill_timeout, subdirs, uid)
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         unpin(cfg, job)
         info["unpinned"] = True

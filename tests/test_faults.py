@@ -10,7 +10,6 @@ N runs 1, 2, 3... until a request completes without the injection firing,
 so every invocation of that call on the request's path is hit once,
 whatever the code does in between."""
 
-import errno
 import os
 import subprocess
 import time
@@ -19,8 +18,8 @@ import pytest
 
 from conftest import TEST_BASE_PARENT, TEST_RUN, nsenter
 from privtmpd import namespace
-from relutil import (USER, USER_PY, Inject, as_user, gone, job_entries, live, mounts_under, pins,
-                     processes_of, run_hook, state_files, wait_no_forks)
+from relutil import (USER, USER_PY, Inject, gone, job_entries, live, mounts_under, pins, run_hook, state_files,
+                     wait_no_forks)
 
 pytestmark = pytest.mark.root
 
