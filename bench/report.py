@@ -43,7 +43,7 @@ def goals(res):
                     f"{small:.1f} -> {big:.1f} ms", big <= max(small * 1.25, small + 2.0)))
         v = td[sizes[-1]]["worker_over_rm_rf"]["median"]
         out.append((f"space freed at unlink speed ({sizes[-1]} files, worker vs rm -rf)",
-                    f"{v:.2f}x", v <= 1.25))
+                    f"{v:.2f}x", v <= 1.10))
     sc = res.get("scale")
     if sc:
         n = sc["namespaces"]

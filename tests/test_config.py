@@ -100,6 +100,23 @@ def test_count_bytes():
     assert parse("count_bytes=No\n").count_bytes is False
 
 
+def test_shipped_example_parses_with_every_setting_enabled():
+    """docs/privtmpd.conf.example is installed as /etc/privtmpd/privtmpd.conf:
+    as shipped, and with each commented-out setting enabled (one at a
+    time: some exclude each other), it must be a valid configuration."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                        "privtmpd.conf.example")
+    text = open(path, encoding="utf-8").read()
+    parse(text)
+    settings_ = [ln[2:] for ln in text.splitlines() if ln.startswith("# ") and "=" in ln.split()[1]]
+    assert len(settings_) >= 8, settings_
+    for line in settings_:
+        parse(f"{text}\n{line}\n")
+        key = line.split("=", 1)[0]
+        assert key in config._KEYS, line
+    assert parse(text + "\ncount_bytes=yes\n").count_bytes
+
+
 def test_tmpdir_none_and_default_without_tmp():
     assert parse("mount=/var/tmp\n").tmpdir_value == "none"
     assert parse("tmpdir=none\n").tmpdir_value == "none"
