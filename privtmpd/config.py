@@ -45,6 +45,7 @@ class Config:
     keep_max: int = 1 << 30     # bytes all kept directories may use together; oldest evicted beyond
     limit: int = 0              # bytes: each job's directories live in a filesystem image this big; 0 = off
     limit_from: str = ""        # "tmp": the job's --tmp request when it made one, else limit=
+    limit_reserve: bool = False  # allocate each limit= image in full at job start (no overcommit)
     count_bytes: bool = False   # lstat every file a removal worker unlinks, to log the bytes freed
     source: str = "<defaults>"
     lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
@@ -215,6 +216,14 @@ def parse(text, source="<string>"):
             raise ConfigError(f"{at('limit_from')}: limit_from=tmp needs limit=<size>, the size of jobs "
                               f"that request no --tmp")
         kw["limit_from"] = "" if v == "no" else v
+    if "limit_reserve" in values:
+        v = values["limit_reserve"].lower()
+        if v not in ("yes", "no"):
+            raise ConfigError(f"{at('limit_reserve')}: limit_reserve={values['limit_reserve']!r}: use "
+                              f"limit_reserve=yes (allocate each job's image in full) or limit_reserve=no")
+        if v == "yes" and not kw.get("limit"):
+            raise ConfigError(f"{at('limit_reserve')}: limit_reserve=yes has no effect without limit=<size>")
+        kw["limit_reserve"] = v == "yes"
     if "count_bytes" in values:
         v = values["count_bytes"].lower()
         if v not in ("yes", "no"):
@@ -239,7 +248,8 @@ def parse(text, source="<string>"):
 
 
 _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
-         "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from", "count_bytes"}
+         "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from", "limit_reserve",
+         "count_bytes"}
 
 MKFS_PATHS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
 

@@ -273,6 +273,8 @@ def cmd_show(cfg, args):
             ("shm", j.get("shm") or "host /dev/shm")]
     if j.get("created"):
         rows.append(("created", f"{time.ctime(j['created'])} ({_age(j['age_seconds'])} ago)"))
+    if j.get("limit"):
+        rows.append(("limit", f"{_human(j['limit'])}, " + ("allocated in full" if j.get("reserved") else "sparse")))
     rows.append(("usage", "-" if j["bytes"] is None else f"{_human(j['bytes'])} in {j['entries']} entries"))
     rows.append(("procs", " ".join(map(str, j.get("processes", []))) or "none"))
     for key, value in rows:
@@ -371,7 +373,8 @@ def cmd_config_check(cfg, args):
                             "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
                             "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value,
                             "remove_workers": cfg.remove_workers, "kill_timeout": cfg.kill_timeout,
-                            "count_bytes": cfg.count_bytes,
+                            "count_bytes": cfg.count_bytes, "limit": cfg.limit or None,
+                            "limit_reserve": cfg.limit_reserve,
                             "metrics_dir": cfg.metrics_dir or None})
     for w in warnings:
         print(f"warning: {w}")

@@ -436,6 +436,10 @@ class Daemon:
                 raise
             if st.get("displaced"):
                 log.warning(event("create", "displaced", job, self.req_user, found=st["displaced"]))
+            if cfg.limit_reserve and st.get("limit") and not st.get("reserved"):
+                log.warning(event("create", "not-reserved", job, self.req_user, limit=st["limit"],
+                                  dir=st["dir"], note="the disk could not hold the whole image: it is "
+                                  "sparse, and the job may get EIO before its limit if the disk fills up"))
             return protocol.ok(job=job, dir=st["dir"], existing=False)
         if op == "destroy":
             self.req_user = _user(namespace.read_state(cfg, f["job"]))
@@ -885,7 +889,8 @@ def _config_dict(cfg):
             "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value, "source": cfg.source,
             "metrics_dir": cfg.metrics_dir or None, "keep_failed": cfg.keep_failed or None,
             "keep_max": cfg.keep_max if cfg.keep_failed else None, "limit": cfg.limit or None,
-            "limit_from": cfg.limit_from or None}
+            "limit_from": cfg.limit_from or None, "limit_reserve": cfg.limit_reserve,
+            "count_bytes": cfg.count_bytes}
 
 
 def _user(state):

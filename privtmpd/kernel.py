@@ -59,6 +59,7 @@ _HINTS = {
     ("unshare", errno.EPERM): "privtmpd must run as root (CAP_SYS_ADMIN)",
     ("openat2", errno.EXDEV): "the path crosses a mount point",
     ("openat2", errno.ELOOP): "the path contains a symbolic link",
+    ("fallocate", errno.ENOSPC): "the filesystem has less free space than the size asked for",
 }
 
 
@@ -111,6 +112,7 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syscall.restype = ctypes.c_long
 
 
@@ -138,6 +140,13 @@ def set_pdeathsig(sig):
     parent dies."""
     _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
                        ctypes.c_ulong(0)), "prctl")
+
+
+def fallocate(fd, offset, length, path=""):
+    """fallocate(2) mode 0: allocate the blocks (unwritten extents, read as
+    zeros) without writing them.  Unlike posix_fallocate, never falls back
+    to writing zeros: a filesystem without fallocate raises EOPNOTSUPP."""
+    _check(_libc.fallocate(fd, 0, offset, length), "fallocate", path)
 
 
 def renameat2(olddirfd, oldname, newdirfd, newname, flags):

@@ -221,6 +221,55 @@ def test_limit_gives_enospc_to_that_job_only(daemon_factory):
     assert not os.path.exists(d.job_dir(91)) and not os.path.exists(d.job_dir(92))
 
 
+def test_limit_reserve_parses():
+    assert config.parse("limit=64m limit_reserve=yes").limit_reserve is True
+    assert config.parse("limit=64m").limit_reserve is False
+    for bad, msg in (("limit=64m limit_reserve=full", "use limit_reserve=yes"),
+                     ("limit_reserve=yes", "no effect without limit=")):
+        with pytest.raises(config.ConfigError, match=msg) as e:
+            config.parse(f"\n{bad}", "/etc/p.conf")
+        assert str(e.value).startswith("/etc/p.conf:2: ")
+
+
+@root
+def test_limit_reserve_allocates_images_until_the_disk_is_promised(daemon_factory):
+    """limit_reserve=yes: each image is allocated in full when the job
+    starts, so the limits never promise more than the disk has.  On an 80 MB
+    base, two 32 MB jobs get theirs; the third cannot, starts anyway with a
+    sparse image (a failed Prolog would drain the node) and is logged."""
+    from harness import TEST_BASE_PARENT
+    small = f"{TEST_BASE_PARENT}/small-{os.getpid()}"
+    os.makedirs(small, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m,mode=1777", "privtmpd-test-small", small], check=True)
+    try:
+        d = daemon_factory("limit=32m limit_reserve=yes", base_parent=small)
+        for job in (95, 96, 97):
+            assert d.create(job)["ok"]
+        blocks = {job: os.stat(f"{d.job_dir(job)}/fs.img").st_blocks * 512 for job in (95, 96, 97)}
+        # (mkfs.ext4 gives back a few blocks it zeroes by punching holes)
+        assert blocks[95] >= 31 << 20 and blocks[96] >= 31 << 20, blocks
+        assert blocks[97] < 8 << 20, blocks
+        log = d.log()
+        assert "job=97 " in log and "op=create result=not-reserved" in log, log
+        assert "job=95 user=nobody op=create result=not-reserved" not in log
+        shown = {job: ctl(d.conf_path, "show", str(job)).stdout for job in (95, 97)}
+        assert "32.0M, allocated in full" in shown[95] and "32.0M, sparse" in shown[97], shown
+        # The reserved job still gets ENOSPC at its limit, not before.
+        r = nsenter(d.pin(95), "sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>&1; echo dd=$?",
+                    user="65534", check=False)
+        assert "No space left on device" in r.stdout and "dd=1" in r.stdout, r
+        used = int(nsenter(d.pin(95), "sh", "-c", "du -sk /tmp/fill | cut -f1", user="65534").stdout) << 10
+        assert used > 28 << 20, used
+        for job in (95, 96, 97):
+            d.destroy(job)
+        d.wait_removals()
+        assert _loops_under(small) == [] and os.listdir(small) == []
+        d.stop()
+    finally:
+        subprocess.run(["umount", "-l", small], check=False)
+        os.rmdir(small)
+
+
 @root
 def test_limit_with_keep_failed_keeps_the_filesystem_readable(daemon_factory):
     d = daemon_factory("limit=16m keep_failed=3s")
