@@ -39,8 +39,15 @@ def goals(res):
     if td:
         sizes = sorted(td, key=int)
         small, big = td[sizes[0]]["epilog_ms"]["median"], td[sizes[-1]]["epilog_ms"]["median"]
-        out.append((f"Epilog flat in job size ({sizes[0]} -> {sizes[-1]} files)",
-                    f"{small:.1f} -> {big:.1f} ms", big <= max(small * 1.25, small + 2.0)))
+        if "epilog_over_empty_ms" in td[sizes[0]]:
+            # Judged over an empty hook run just before: after a million
+            # files every process starts slower, whatever it does.
+            so, bo = (td[s]["epilog_over_empty_ms"]["median"] for s in (sizes[0], sizes[-1]))
+            out.append((f"Epilog flat in job size ({sizes[0]} -> {sizes[-1]} files; over an empty hook)",
+                        f"{small:.1f} -> {big:.1f} ms; over: {so:.1f} -> {bo:.1f}", bo <= so + 1.5))
+        else:
+            out.append((f"Epilog flat in job size ({sizes[0]} -> {sizes[-1]} files)",
+                        f"{small:.1f} -> {big:.1f} ms", big <= max(small * 1.25, small + 2.0)))
         v = td[sizes[-1]]["worker_over_rm_rf"]["median"]
         out.append((f"space freed at unlink speed ({sizes[-1]} files, worker vs rm -rf)",
                     f"{v:.2f}x", v <= 1.10))
@@ -114,16 +121,19 @@ def table(res):
     td = res.get("teardown")
     if td:
         add("3. Teardown of big jobs (ms)")
-        add(f"   {'files':>9s} {'1st proc':>9s} {'Epilog':>8s} {'destroy':>8s} {'space free':>11s} {'worker':>9s} "
-            f"{'rm -rf':>9s} {'worker/rm':>10s}")
+        add(f"   {'files':>9s} {'1st proc':>9s} {'empty':>6s} {'Epilog':>7s} {'over':>5s} {'destroy':>8s} "
+            f"{'space free':>11s} {'worker':>9s} {'rm -rf':>9s} {'worker/rm':>10s}")
+        nan = {"median": float("nan")}
         for n, t in sorted(td.items(), key=lambda kv: int(kv[0])):
             first = t.get("first_process_ms", {}).get("median")
             add(f"   {int(n):>9d} {first if first is not None else float('nan'):9.1f} "
-                f"{t['epilog_ms']['median']:8.1f} {t['daemon_destroy_ms']['median']:8.2f} "
+                f"{t.get('empty_ms', nan)['median']:6.1f} {t['epilog_ms']['median']:7.1f} "
+                f"{t.get('epilog_over_empty_ms', nan)['median']:5.1f} {t['daemon_destroy_ms']['median']:8.2f} "
                 f"{t['free_ms']['median']:11.0f} {t['worker_ms']['median']:9.0f} {t['rm_rf_ms']['median']:9.0f} "
                 f"{t['worker_over_rm_rf']['median']:10.2f}")
         add("   1st proc: an empty python3 -IS hook started right after the job's files were written and")
-        add("   synced, before the Epilog (the first process then is slower whatever it does); destroy: in the daemon")
+        add("   synced (the first process then is slower whatever it does); empty: a second one, right before")
+        add("   the Epilog; over: Epilog minus empty; destroy: in the daemon")
         add("")
     sc = res.get("scale")
     if sc:
