@@ -49,6 +49,7 @@ REMOVE_RETRY_DELAY = 2.0     # after 2, 4, 8... seconds (then at the next start)
 INLINE_ENTRIES = 2000
 INLINE_BYTES = 64 << 20      # unlinking a big file cannot be interrupted
 INLINE_SECONDS = 0.02        # per turn of the loop, all inline removals together
+REMOVAL_MAX_WAIT = 1.0       # seconds removals give way to waiting requests, at most
 
 
 def _peer_uid(conn):
@@ -90,7 +91,10 @@ class Daemon:
         self.workers = {}          # pid -> (parent, name, stats read fd, started)
         self.deferred = []         # (due, parent, name): failed removals waiting for a retry
         self.partial = {}          # (parent, name) -> RemoveStats of an inline attempt a worker finishes
+        self.paused = {}           # (parent, name) -> (RemoveStats, Budget, start) of an inline removal
         self.removal_user = {}     # (parent, name) -> the job's user, known from the Epilog's request
+        self.removals_held = None  # since when removals gave way to waiting requests (monotonic)
+        self.replied = False       # a reply went out since the last removal step
         self.attempts = {}         # (parent, name) -> failed attempts so far
         self.stopping = False
         self.accepting = False     # the listener is in the selector
@@ -247,15 +251,44 @@ class Daemon:
         self.deferred.append((time.monotonic() + delay, parent, name))
         log.warning(event("remove", "retry-scheduled", job, dir=f"{parent}/{name}", attempt=n, in_s=delay))
 
+    def _request_waiting(self):
+        return bool(self.sel.select(0))
+
     def _start_removals(self):
+        if not self.removals:
+            self.replied = False
+            return
+        # Requests first: a Prolog or Epilog waiting in the socket would
+        # otherwise wait behind up to INLINE_SECONDS of unlinking (or a
+        # fork).  Bounded, so that a stream of requests cannot hold
+        # removals back for long; an inline removal also pauses when one
+        # arrives (Budget.interrupt) and goes on at the next turn.
+        now = time.monotonic()
+        if self._request_waiting():
+            if self.removals_held is None:
+                self.removals_held = now
+            if now - self.removals_held < REMOVAL_MAX_WAIT:
+                return
+        self.removals_held = None
+        if self.replied:
+            # The reply just sent woke a hook, and the scheduler tends to
+            # queue a woken task on the waker's CPU (wake-affine): without
+            # this, the hook, and with it the Epilog, waits for the
+            # unlinking below.
+            self.replied = False
+            os.sched_yield()
         deadline = time.monotonic() + INLINE_SECONDS
         while self.removals and not self.stopping:
             parent, name = self.removals[0]
+            if (parent, name) in self.paused and time.monotonic() >= deadline:
+                return              # goes on inline at the next turn
             if (parent, name) not in self.partial and time.monotonic() < deadline:
                 self.removals.pop(0)
                 if self._remove_inline(parent, name, deadline):
                     continue
                 self.removals.insert(0, (parent, name))
+                if (parent, name) in self.paused:
+                    return
             if len(self.workers) >= self.cfg.remove_workers:
                 return
             r, w = os.pipe2(os.O_CLOEXEC)
@@ -297,8 +330,7 @@ class Daemon:
         """Remove a trash tree here, within the inline budget.  True when
         the attempt is over (removed, or failed and deferred); False when
         the tree is too big: a worker finishes it."""
-        t0 = time.monotonic()
-        stats = safefs.RemoveStats()
+        stats, budget, t0 = self.paused.pop((parent, name), None) or (safefs.RemoveStats(), None, time.monotonic())
         try:
             pfd = safefs.open_dir(parent)
         except OSError as e:
@@ -310,9 +342,13 @@ class Daemon:
                 # limit=: one file as big as the job's data; never inline.
                 self.partial[(parent, name)] = stats
                 return False
-            budget = safefs.Budget(INLINE_ENTRIES, INLINE_BYTES, deadline)
+            budget = budget or safefs.Budget(INLINE_ENTRIES, INLINE_BYTES, deadline, self._request_waiting)
+            budget.deadline = deadline
             safefs.remove_tree(pfd, name, stats, budget)
             info = dict(stats.__dict__, user=owner)
+        except safefs.Paused:
+            self.paused[(parent, name)] = (stats, budget, t0)
+            return False
         except safefs.OverBudget:
             self.partial[(parent, name)] = stats
             return False
@@ -839,6 +875,7 @@ class Daemon:
             pass
         finally:
             sock.close()
+        self.replied = True
 
     def shutdown(self):
         """Fast stop (SIGTERM): jobs keep their namespaces; interrupted

@@ -301,6 +301,12 @@ class OverBudget(Exception):
     (the RemoveStats passed in count what was removed)."""
 
 
+class Paused(OverBudget):
+    """remove_tree stopped because the Budget's interrupt() said the caller
+    has something more urgent; the same Budget (and RemoveStats) carry on
+    where it stopped when passed to remove_tree again."""
+
+
 class Budget:
     """Bounds one removal done inside the daemon: entries, bytes and a
     deadline.  Bytes matter because unlinking a big file frees its extents
@@ -308,16 +314,23 @@ class Budget:
     is left for a worker, before it is unlinked.  Charged once per entry,
     before acting on it."""
 
-    __slots__ = ("entries", "bytes", "deadline")
+    __slots__ = ("entries", "bytes", "deadline", "interrupt")
 
-    def __init__(self, entries, nbytes, deadline):
+    INTERRUPT_EVERY = 64        # entries between two calls of interrupt()
+
+    def __init__(self, entries, nbytes, deadline, interrupt=None):
         self.entries, self.bytes, self.deadline = entries, nbytes, deadline
+        self.interrupt = interrupt
 
     def charge(self, nbytes=0):
         self.entries -= 1
         self.bytes -= nbytes
         if self.entries < 0 or self.bytes < 0 or time.monotonic() > self.deadline:
             raise OverBudget()
+        if self.interrupt is not None and self.entries % self.INTERRUPT_EVERY == 0 and self.interrupt():
+            self.entries += 1           # not acted on: charged again when resumed
+            self.bytes += nbytes
+            raise Paused()
 
 
 @dataclass

@@ -3,7 +3,9 @@ socket, restarts, crashes, a simulated reboot, hostile clients."""
 
 import json
 import os
+import pathlib
 import re
+import selectors
 import signal
 import socket
 import stat
@@ -489,6 +491,51 @@ def test_small_trees_removed_by_the_daemon_big_ones_by_a_worker(daemon_factory, 
 
 
 # --- clients ---------------------------------------------------------------------
+
+def test_removals_give_way_to_waiting_requests(scratch, caplog):
+    """A Prolog or Epilog already waiting on the socket is served before a
+    queued removal starts (REMOVAL_MAX_WAIT at most), and an inline
+    removal pauses when one arrives, then goes on where it stopped: the
+    request never waits behind INLINE_SECONDS of unlinking.  The daemon's
+    own loop step, on a real selector and a real socket."""
+    from privtmpd import config, daemon as daemon_mod, safefs
+    tmp_path = pathlib.Path(scratch)
+    cfg = config.parse(f"base={tmp_path}/job\nrundir={tmp_path}/run\n", "test")
+    d = daemon_mod.Daemon(cfg)
+    d.sel = selectors.DefaultSelector()
+    trash = tmp_path / "job.7.0.deleting.x"
+    (trash / "tmp").mkdir(parents=True)
+    n = 300
+    for i in range(n):
+        (trash / "tmp" / f"f{i}").write_bytes(b"x")
+    a, b = socket.socketpair()
+    caplog.set_level("INFO", logger="privtmpd")
+    try:
+        d.sel.register(b, selectors.EVENT_READ, "client")
+        a.sendall(b'{"op": "create"}\n')           # a request waiting
+        d.removals.append((str(tmp_path), trash.name))
+        d.replied = True
+        d._start_removals()
+        d._start_removals()
+        assert len(os.listdir(trash / "tmp")) == n and d.removals_held is not None
+        # Held for REMOVAL_MAX_WAIT at most; then it starts, and pauses at
+        # the first interrupt check, the request still waiting.
+        d.removals_held = time.monotonic() - daemon_mod.REMOVAL_MAX_WAIT - 0.1
+        d._start_removals()
+        left = len(os.listdir(trash / "tmp"))
+        assert n - safefs.Budget.INTERRUPT_EVERY <= left < n, left
+        assert list(d.paused) == [(str(tmp_path), trash.name)] and d.removals and not d.replied
+        assert d.removals_held is None
+        b.recv(100)                                 # served: nothing waiting any more
+        d._start_removals()
+        assert not trash.exists() and not d.removals and not d.paused and not d.workers
+        [line] = [r.getMessage() for r in caplog.records if "op=remove" in r.getMessage()]
+        assert f"by=daemon files={n} dirs=2 " in line, line
+    finally:
+        a.close()
+        b.close()
+        d.sel.close()
+
 
 def test_non_root_client_refused(daemon):
     code = ("import socket, sys\n"

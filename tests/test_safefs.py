@@ -482,6 +482,26 @@ def test_remove_within_a_budget(work):
     assert stats.complete and not os.path.exists(work.path("job.3.0"))
 
 
+def test_remove_pauses_and_resumes_with_its_budget(work):
+    """Budget.interrupt: remove_tree stops (Paused) at the next check once
+    it says so, and the same Budget and stats carry on where it stopped.
+    Files are charged once; a directory on the way again at each resume."""
+    tmp = make_job(work)
+    for i in range(200):
+        mkfile(f"{tmp}/f{i}")
+    calls = []
+    budget = safefs.Budget(1000, 1 << 30, time.monotonic() + 60, lambda: calls.append(1) or len(calls) <= 2)
+    stats = safefs.RemoveStats()
+    for _ in range(2):
+        with pytest.raises(safefs.Paused):
+            safefs.remove_tree(work.fd, "job.3.0", stats, budget)
+        assert os.path.isdir(tmp) and 0 < len(os.listdir(tmp)) < 200
+    safefs.remove_tree(work.fd, "job.3.0", stats, budget)
+    assert not os.path.exists(work.path("job.3.0"))
+    assert stats.complete and (stats.files, stats.dirs) == (200, 2) and stats.sized
+    assert 1000 - 201 - 2 <= budget.entries <= 1000 - 201       # 200 files, tmp/ up to 3 times
+
+
 @pytest.mark.parametrize("sizes", [False, True])
 def test_remove_measures_bytes_only_when_asked(work, sizes):
     """Without sizes= a removal is one unlinkat per file, as rm -rf does;
