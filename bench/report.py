@@ -82,6 +82,12 @@ def table(res):
         add("   " + "; ".join(f"{k}: {sl['configs'][k]}" for k in order))
         for m in ("per_job", "batch_start", "step"):
             r = sl["ratios"][m]
+            if m == "step":
+                # No hook runs per step: every configuration's overhead over
+                # bare is noise around 0, and ratios of those mean nothing.
+                add(f"   step: privtmpd/floor total {fmt_spread(r['privtmpd_over_floor_total'], 3)} (Prolog and "
+                    f"Epilog do not run per step; the entry helper does)")
+                continue
             add(f"   {m}: privtmpd/jc-tmpfs overhead {fmt_spread(r['privtmpd_over_jc_overhead'], 2)}, "
                 f"privtmpd/floor overhead {fmt_spread(r['privtmpd_over_floor_overhead'], 2)}, "
                 f"privtmpd/floor total {fmt_spread(r['privtmpd_over_floor_total'], 3)}")

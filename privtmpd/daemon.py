@@ -329,7 +329,9 @@ class Daemon:
     def _remove_inline(self, parent, name, deadline):
         """Remove a trash tree here, within the inline budget.  True when
         the attempt is over (removed, or failed and deferred); False when
-        the tree is too big: a worker finishes it."""
+        it paused for a waiting request (in self.paused: it goes on at the
+        next turn) or the tree is too big (in self.partial: a worker
+        finishes it)."""
         stats, budget, t0 = self.paused.pop((parent, name), None) or (safefs.RemoveStats(), None, time.monotonic())
         try:
             pfd = safefs.open_dir(parent)
