@@ -487,16 +487,17 @@ def _make_image(img, size, reserve):
         os.close(fd)
 
 
-def _make_limited_fs(cfg, dpath, subs, uid, gid, size, state):
+def _make_limited_fs(cfg, dpath, subs, uid, gid, size):
     """limit=: an ext4 image of `size` bytes (see _make_image) in the
     root-owned job directory, loop-mounted on the host side at <dir>/fs (so
     the directories of a failed job can be kept and read), with the job's
     directories in it.  At the limit the job gets ENOSPC; the node's disk
     and other jobs are unaffected.  The loop device is released when the
-    mount goes (autoclear)."""
+    mount goes (autoclear).  Returns (the job's directories as
+    make_user_dirs gives them, whether the image is allocated in full)."""
     import subprocess
     img = f"{dpath}/{LIMITED_FS}.img"
-    state["reserved"] = _make_image(img, size, cfg.limit_reserve)
+    reserved = _make_image(img, size, cfg.limit_reserve)
     mnt = f"{dpath}/{LIMITED_FS}"
     os.mkdir(mnt, 0o700)
     # No journal, no reserved blocks: scratch space, all of it the job's.
@@ -507,7 +508,7 @@ def _make_limited_fs(cfg, dpath, subs, uid, gid, size, state):
             raise NamespaceError(f"limit=: {' '.join(argv[:2])} failed: {(r.stderr or r.stdout).strip()[:500]}")
     fsfd = safefs.open_dir(mnt)
     try:
-        return safefs.make_user_dirs(fsfd, subs, uid, gid, cfg.mode)
+        return safefs.make_user_dirs(fsfd, subs, uid, gid, cfg.mode), reserved
     finally:
         os.close(fsfd)
 
@@ -574,7 +575,8 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
     top = dpath
     if limit:
         top = f"{dpath}/{LIMITED_FS}"
-        placement.subdirs = _make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid, limit, state)
+        placement.subdirs, state["reserved"] = _make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid,
+                                                                limit)
     binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
     nsfd = build_namespace(binds, cfg.shm, timeout)
     try:
