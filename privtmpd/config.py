@@ -216,20 +216,15 @@ def parse(text, source="<string>"):
             raise ConfigError(f"{at('limit_from')}: limit_from=tmp needs limit=<size>, the size of jobs "
                               f"that request no --tmp")
         kw["limit_from"] = "" if v == "no" else v
-    if "limit_reserve" in values:
-        v = values["limit_reserve"].lower()
-        if v not in ("yes", "no"):
-            raise ConfigError(f"{at('limit_reserve')}: limit_reserve={values['limit_reserve']!r}: use "
-                              f"limit_reserve=yes (allocate each job's image in full) or limit_reserve=no")
-        if v == "yes" and not kw.get("limit"):
-            raise ConfigError(f"{at('limit_reserve')}: limit_reserve=yes has no effect without limit=<size>")
-        kw["limit_reserve"] = v == "yes"
-    if "count_bytes" in values:
-        v = values["count_bytes"].lower()
-        if v not in ("yes", "no"):
-            raise ConfigError(f"{at('count_bytes')}: count_bytes={values['count_bytes']!r}: use count_bytes=yes "
-                              f"(log the bytes each removal frees, at one lstat per file) or count_bytes=no")
-        kw["count_bytes"] = v == "yes"
+    for key, meaning in (("limit_reserve", "allocate each job's image in full"),
+                         ("count_bytes", "log the bytes each removal frees, at one lstat per file")):
+        if key in values:
+            v = values[key].lower()
+            if v not in ("yes", "no"):
+                raise ConfigError(f"{at(key)}: {key}={values[key]!r}: use {key}=yes ({meaning}) or {key}=no")
+            kw[key] = v == "yes"
+    if kw.get("limit_reserve") and not kw.get("limit"):
+        raise ConfigError(f"{at('limit_reserve')}: limit_reserve=yes has no effect without limit=<size>")
     if "tmpdir" in values:
         v = values["tmpdir"]
         kw["tmpdir"] = v if v == "none" else _abs_path(v, "tmpdir", at("tmpdir"))
