@@ -45,6 +45,7 @@ class Config:
     keep_max: int = 1 << 30     # bytes all kept directories may use together; oldest evicted beyond
     limit: int = 0              # bytes: each job's directories live in a filesystem image this big; 0 = off
     limit_from: str = ""        # "tmp": the job's --tmp request when it made one, else limit=
+    limit_max: int = 0          # bytes: cap on a --tmp request (limit_from=tmp); 0 = the base filesystem's size
     limit_reserve: bool = False  # allocate each limit= image in full at job start (no overcommit)
     count_bytes: bool = False   # lstat every file a removal worker unlinks, to log the bytes freed
     source: str = "<defaults>"
@@ -216,6 +217,14 @@ def parse(text, source="<string>"):
             raise ConfigError(f"{at('limit_from')}: limit_from=tmp needs limit=<size>, the size of jobs "
                               f"that request no --tmp")
         kw["limit_from"] = "" if v == "no" else v
+    if "limit_max" in values:
+        kw["limit_max"] = _size_bytes(values["limit_max"], "limit_max", at("limit_max"))
+        if not kw.get("limit_from"):
+            raise ConfigError(f"{at('limit_max')}: limit_max= caps a job's --tmp request and has no effect "
+                              f"without limit_from=tmp")
+        if kw["limit_max"] < kw.get("limit", 0):
+            raise ConfigError(f"{at('limit_max')}: limit_max={values['limit_max']} is smaller than limit=; "
+                              f"a job that asks for more than limit= would get less than one that asks nothing")
     for key, meaning in (("limit_reserve", "allocate each job's image in full"),
                          ("count_bytes", "log the bytes each removal frees, at one lstat per file")):
         if key in values:
@@ -243,8 +252,8 @@ def parse(text, source="<string>"):
 
 
 _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
-         "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from", "limit_reserve",
-         "count_bytes"}
+         "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from", "limit_max",
+         "limit_reserve", "count_bytes"}
 
 MKFS_PATHS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
 
@@ -323,13 +332,6 @@ def _check_no_symlinks(path, what):
     return None
 
 
-def scontrol_path():
-    for d in ("/usr/bin", "/usr/local/bin", "/opt/slurm/bin"):
-        if os.access(f"{d}/scontrol", os.X_OK):
-            return f"{d}/scontrol"
-    return None
-
-
 def check_filesystem(cfg):
     """Start-up checks against the running system; returns warnings."""
     warnings = []
@@ -346,9 +348,11 @@ def check_filesystem(cfg):
     # world-writable parent is acceptable only with the sticky bit (/tmp),
     # because then nobody but root can rename or remove our root-owned
     # job directories in it.
-    if cfg.limit_from and not scontrol_path():
-        raise ConfigError(f"{cfg.lines.get('limit_from', cfg.source)}: limit_from=tmp asks slurmctld for "
-                          f"the job's --tmp with scontrol, which is not installed (slurm-client)")
+    if cfg.limit_from:
+        from .tmprequest import squeue_path
+        if not squeue_path():
+            raise ConfigError(f"{cfg.lines.get('limit_from', cfg.source)}: limit_from=tmp asks slurmctld for "
+                              f"the job's --tmp with squeue, which is not installed (slurm-client)")
     if cfg.limit and not mkfs_path():
         raise ConfigError(f"{cfg.lines.get('limit', cfg.source)}: limit= needs mkfs.ext4 "
                           f"(apt-get install e2fsprogs / dnf install e2fsprogs)")

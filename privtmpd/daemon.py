@@ -524,28 +524,22 @@ class Daemon:
         raise AssertionError(op)
 
     def _job_limit(self, job, slurm_conf):
-        """limit_from=tmp: the job's --tmp request (MinTmpDiskNode), else
-        limit=.  Asking slurmctld costs the Prolog one scontrol call; when it
-        cannot answer, the job gets limit= and the reason is logged: a size
-        is never worth failing a Prolog (and draining the node) for."""
+        """limit_from=tmp: the job's --tmp request (tmprequest), else limit=.
+        Asking slurmctld costs the Prolog one squeue call; when it cannot
+        answer, or answers nonsense, the job gets limit= and the reason is
+        logged: a size is never worth failing a Prolog (and draining the
+        node) for."""
         cfg = self.cfg
         if not cfg.limit_from:
             return cfg.limit
-        import subprocess
-        env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
-        if slurm_conf:
-            env["SLURM_CONF"] = slurm_conf
+        from . import tmprequest
         try:
-            r = subprocess.run([config.scontrol_path() or "scontrol", "-o", "show", "job", str(job)],
-                               env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
-            tmp = _min_tmp_disk(r.stdout) if r.returncode == 0 else None
-            why = None if tmp is not None else (r.stderr.strip()[:200] or "no MinTmpDiskNode in the reply")
-        except (OSError, subprocess.TimeoutExpired) as e:
-            tmp, why = None, str(e)
-        if tmp is None:
-            log.warning(event("limit", "fallback", job, limit=cfg.limit, error=f"scontrol: {why}"))
-            return cfg.limit
-        return max(tmp, 16 << 20) if tmp else cfg.limit
+            size, result, note = tmprequest.job_limit(cfg, job, slurm_conf)
+        except Exception as e:      # noqa: BLE001 - see above
+            size, result, note = cfg.limit, "fallback", describe(e)
+        if result:
+            log.warning(event("limit", result, job, self.req_user, limit=size, error=note))
+        return size
 
     def _cleanup(self, job, dry_run):
         """`privtmpctl cleanup`.  Whether a Slurm job is over cannot be known
@@ -908,27 +902,12 @@ class Daemon:
         log.info(event("stop", "ok"))
 
 
-def _min_tmp_disk(scontrol_line):
-    """Bytes of MinTmpDiskNode= in `scontrol -o show job` output (0 when the
-    job made no --tmp request), or None when absent."""
-    for word in scontrol_line.split():
-        if word.startswith("MinTmpDiskNode="):
-            v = word.partition("=")[2]
-            unit = v[-1:].upper()
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(unit)
-            num = v[:-1] if scale else v
-            if not (num.isascii() and num.isdigit()):
-                return None
-            return int(num) * (scale or 1 << 20)      # plain numbers are MB
-    return None
-
-
 def _config_dict(cfg):
     return {"base": cfg.base, "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
             "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value, "source": cfg.source,
             "metrics_dir": cfg.metrics_dir or None, "keep_failed": cfg.keep_failed or None,
             "keep_max": cfg.keep_max if cfg.keep_failed else None, "limit": cfg.limit or None,
-            "limit_from": cfg.limit_from or None, "limit_reserve": cfg.limit_reserve,
+            "limit_from": cfg.limit_from or None, "limit_max": cfg.limit_max or None, "limit_reserve": cfg.limit_reserve,
             "count_bytes": cfg.count_bytes}
 
 

@@ -24,6 +24,17 @@ class ProtocolError(ValueError):
     """A request that is not well-formed; the message goes back to the client."""
 
 
+SHOWN_MAX = 40      # characters of a client's value quoted back in an error
+
+
+def _shown(value):
+    """A client's value as an error message may quote it: short.  The
+    sender of a hostile request must not get its 4 KB back in the reply,
+    nor fill the daemon's log with it."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}... ({len(text)} characters)"
+
+
 def _job(v):
     return names.parse_job_id(v)
 
@@ -101,11 +112,12 @@ def parse_request(data):
         raise ProtocolError("request must be a JSON object")
     op = msg.pop("op", None)
     if not isinstance(op, str) or op not in OPS:
-        raise ProtocolError(f"unknown operation {op!r} (known: {', '.join(sorted(OPS))})")
+        raise ProtocolError(f"unknown operation {_shown(op)} (known: {', '.join(sorted(OPS))})")
     spec = OPS[op]
     unknown = sorted(set(msg) - set(spec))
     if unknown:
-        raise ProtocolError(f"{op}: unknown field(s) {', '.join(map(repr, unknown))}")
+        shown = ", ".join(map(_shown, unknown[:3])) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise ProtocolError(f"{op}: unknown field(s) {shown}")
     fields = {}
     for key, (parse, required) in spec.items():
         if key not in msg:

@@ -153,3 +153,20 @@ def test_random_objects_only_protocol_error(obj, op):
 @given(st.integers(0, 4200), st.sampled_from([b"[", b"{\"a\":", b"[{\"b\":"]))
 def test_deep_nesting_only_protocol_error(depth, opener):
     _check(opener * depth + b"\n")
+
+
+
+@pytest.mark.parametrize("msg", [
+    {"op": "x" * 4000},
+    {"op": "status", "y" * 4000: 1},
+    {"op": "status", **{f"f{i}" * 40: 1 for i in range(30)}},
+    {"op": "create", "job": "1" * 3000, "restart": "0", "uid": "0", "gid": "0"},
+])
+def test_error_does_not_echo_a_hostile_request(msg):
+    """A client's long value is quoted back shortened: the reply (and the
+    daemon's log line, which carries the same text) stays small."""
+    data = line(msg)
+    assert len(data) <= protocol.MAX_REQUEST
+    with pytest.raises(ProtocolError) as e:
+        parse_request(data)
+    assert len(str(e.value)) < 300, str(e.value)[:400]
