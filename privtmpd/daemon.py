@@ -31,7 +31,7 @@ import struct
 import sys
 import time
 
-from . import __version__, config, kernel, names, namespace, protocol, safefs
+from . import __version__, config, kernel, names, namespace, proc, protocol, safefs
 from .logfmt import describe, event
 from .metrics import Metrics
 
@@ -39,6 +39,7 @@ log = logging.getLogger("privtmpd")
 
 READ_DEADLINE = 5.0          # seconds a client has to send its request
 KEPT_MEASURE_MAX = 200_000   # entries a kept directory may have (keep_failed=)
+KEPT_STEP_SECONDS = 0.005    # measuring kept directories, per turn of the loop at most
 MAX_CLIENTS = 256            # open connections at once; more wait in the backlog
 REMOVE_RETRIES = 5           # a failed background removal is retried this often,
 REMOVE_RETRY_DELAY = 2.0     # after 2, 4, 8... seconds (then at the next start)
@@ -103,6 +104,8 @@ class Daemon:
         self.proc = None           # psutil handle, made after detaching (the pid changes)
         self.req_user = None       # the job's user, for the request's log line
         self.kept_sizes = {}       # kept dir name -> (bytes, measured at): a cache, the names are the state
+        self.kept_queue = []       # kept dirs (namespace.kept_dirs entries) waiting to be measured
+        self.kept_walk = None      # (kept dir, safefs.UsageWalk) being measured, a step per turn
         self.next_kept_check = 0.0
         self._sig_r = None
 
@@ -313,7 +316,10 @@ class Daemon:
                         namespace.umount_limited_fs(parent, name)
                     except OSError:
                         pass
-                    stats = safefs.remove_tree(pfd, name, sizes=self.cfg.count_bytes)
+                    if names.NameMatcher(self.cfg.base_name).kept_trash(name):
+                        stats = safefs.remove_as_owner(pfd, name)
+                    else:
+                        stats = safefs.remove_tree(pfd, name, sizes=self.cfg.count_bytes)
                     os.write(w, json.dumps(dict(stats.__dict__, user=owner)).encode()[:60000])
                     code = 0
                 except BaseException as e:
@@ -340,8 +346,11 @@ class Daemon:
             return True
         try:
             owner = self.removal_user.get((parent, name)) or _owner_of(pfd, name, lookup=False)
-            if _lexists_at(pfd, f"{name}/{namespace.LIMITED_FS}.img"):
-                # limit=: one file as big as the job's data; never inline.
+            if (_lexists_at(pfd, f"{name}/{namespace.LIMITED_FS}.img")
+                    or names.NameMatcher(self.cfg.base_name).kept_trash(name)):
+                # limit=: one file as big as the job's data; a kept
+                # directory: removed with its owner's credentials, by a
+                # forked process.  Never inline.
                 self.partial[(parent, name)] = stats
                 return False
             budget = budget or safefs.Budget(INLINE_ENTRIES, INLINE_BYTES, deadline, self._request_waiting)
@@ -485,13 +494,17 @@ class Daemon:
             keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
             info = namespace.destroy(cfg, f["job"], restart_hint=f.get("restart"), on_trash=self.queue_removal,
                                      keep_until=keep, exit_code=code)
+            for why in info["keep_errors"]:
+                log.warning(event("destroy", "not-kept", f["job"], self.req_user, exit_code=code, error=why,
+                                  note="removed instead"))
             if info["kept"]:
                 log.info(event("destroy", "kept", f["job"], self.req_user, exit_code=code,
                                dirs=",".join(info["kept"]), until=time.ctime(keep)))
                 self.next_kept_check = 0.0     # keep_max: measured after this reply, not before
             if info["killed"]:
                 log.warning(event("destroy", "killed", f["job"], self.req_user, count=len(info["killed"]),
-                                  pids=",".join(map(str, info["killed"]))))
+                                  pids=",".join(map(str, info["killed"][:50])),
+                                  **({"cgroups": ",".join(info["cgroups"])} if info["cgroups"] else {})))
             return protocol.ok(**info)
         if op == "status":
             rss, fds = self.footprint()
@@ -508,7 +521,7 @@ class Daemon:
                 st = dict(st or {"job": job, "state": "unreadable"})
                 ident = namespace.pin_identity(cfg, job)
                 st["pinned"] = bool(ident)
-                st["processes"] = namespace.processes_in(ident) if ident else []
+                st["processes"] = proc.processes_in(ident) if ident else []
                 if st.get("limit") and isinstance(st.get("dir"), str):
                     st["used"] = (namespace.limited_fs_usage(st["dir"]) or (None,))[0]
                 jobs.append(st)
@@ -557,7 +570,7 @@ class Daemon:
             self.req_user = _user(st)
             if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)) or dirs:
                 jobs.append({"job": job, "user": self.req_user, "state": (st or {}).get("state"),
-                             "pinned": bool(ident), "processes": namespace.processes_in(ident) if ident else [],
+                             "pinned": bool(ident), "processes": proc.processes_in(ident) if ident else [],
                              "dirs": [f"{cfg.base_parent}/{d}" for d in dirs],
                              "reason": "named by the administrator"})
             orphans = []
@@ -570,7 +583,7 @@ class Daemon:
                     live[j] = st
                     continue
                 item = {"job": j, "user": _user(st), "state": (st or {}).get("state", "unreadable"),
-                        "pinned": bool(ident), "processes": namespace.processes_in(ident) if ident else [],
+                        "pinned": bool(ident), "processes": proc.processes_in(ident) if ident else [],
                         "dirs": [f"{cfg.base_parent}/{d}" for d in self._job_dirs(j)],
                         "reason": f"state {(st or {}).get('state', 'unreadable')!r} without its live namespace"}
                 (skipped if item["processes"] else jobs).append(item)
@@ -578,7 +591,7 @@ class Daemon:
                 if pin not in states and isinstance(pin, int):
                     ident = namespace.pin_identity(cfg, pin)
                     item = {"job": pin, "user": None, "state": None, "pinned": bool(ident),
-                            "processes": namespace.processes_in(ident) if ident else [], "dirs": [],
+                            "processes": proc.processes_in(ident) if ident else [], "dirs": [],
                             "reason": "pin without a state file"}
                     (skipped if item["processes"] else jobs).append(item)
             for item in skipped:
@@ -606,10 +619,11 @@ class Daemon:
         return protocol.ok(dry_run=dry_run, jobs=jobs, orphans=orphans, skipped=skipped)
 
     def check_kept(self, now=None):
-        """keep_failed=: remove kept directories whose time is up, then the
-        oldest while all of them together use more than keep_max.  Sizes
-        are re-measured at most once a minute (users may still write into
-        their kept directories: that counts too)."""
+        """keep_failed=: remove kept directories whose time is up, and queue
+        for measuring those whose size is unknown or older than a minute
+        (users may still write into their kept directories: that counts
+        too).  The measuring is done in steps by the loop (_measure_kept),
+        and keep_max is enforced once every queued size is known."""
         cfg = self.cfg
         now = time.time() if now is None else now
         self.next_kept_check = time.monotonic() + 5.0
@@ -617,43 +631,101 @@ class Daemon:
         if not kept:
             self.kept_sizes.clear()
             return
+        walking = self.kept_walk[0]["name"] if self.kept_walk else None
+        queued = {k["name"] for k in self.kept_queue}
         pfd = safefs.open_dir(cfg.base_parent)
         try:
-            remaining = []
             for k in kept:
                 if k["until"] <= now:
+                    if k["name"] == walking:
+                        self._stop_kept_walk()
                     self._drop_kept(pfd, k, "expired")
                     continue
                 size, when = self.kept_sizes.get(k["name"], (None, 0.0))
-                if size is None or time.monotonic() - when > 60:
-                    # Measured in the daemon's loop, so bounded: a kept tree
-                    # too big to measure quickly is too big to keep.
-                    try:
-                        size, _, complete = safefs.tree_usage(pfd, k["name"], KEPT_MEASURE_MAX)
-                    except OSError:
-                        size, complete = 0, True
-                    if not complete:
-                        self._drop_kept(pfd, k, f"more than {KEPT_MEASURE_MAX} entries")
-                        continue
-                    self.kept_sizes[k["name"]] = (size, time.monotonic())
-                remaining.append((k, size))
-            total = sum(size for _, size in remaining)
-            for k, size in remaining:          # oldest first (earliest expiry)
-                if total <= cfg.keep_max:
-                    break
-                self._drop_kept(pfd, k, f"kept directories use {total} bytes, over keep_max={cfg.keep_max}")
-                total -= size
+                if (size is None or time.monotonic() - when > 60) and k["name"] not in queued | {walking}:
+                    self.kept_queue.append(k)
         finally:
             os.close(pfd)
         live = {k["name"] for k in namespace.kept_dirs(cfg)}
+        self.kept_queue = [k for k in self.kept_queue if k["name"] in live]
         for name in list(self.kept_sizes):
             if name not in live:
                 del self.kept_sizes[name]
+        if not self.kept_queue and not self.kept_walk:
+            self._enforce_keep_max()
+
+    def _stop_kept_walk(self):
+        if self.kept_walk:
+            self.kept_walk[1].close()
+            self.kept_walk = None
+
+    def _measure_kept(self):
+        """One turn's share of measuring kept directories: at most
+        KEPT_STEP_SECONDS, and not while a request waits.  A kept tree of
+        any size never delays a Prolog by more than one step."""
+        deadline = time.monotonic() + KEPT_STEP_SECONDS
+        while time.monotonic() < deadline and not self._request_waiting():
+            if not self.kept_walk:
+                if not self.kept_queue:
+                    self._enforce_keep_max()
+                    return
+                k = self.kept_queue.pop(0)
+                pfd = safefs.open_dir(self.cfg.base_parent)
+                try:
+                    if not safefs.is_ours(pfd, k["name"]):
+                        continue
+                    self.kept_walk = (k, safefs.UsageWalk(pfd, k["name"], KEPT_MEASURE_MAX))
+                except OSError:
+                    continue            # gone meanwhile
+                finally:
+                    os.close(pfd)
+            k, walk = self.kept_walk
+            try:
+                done = walk.step(deadline, self._request_waiting)
+            except OSError:
+                done, walk.complete = True, True
+            if not done:
+                return
+            self.kept_walk = None
+            if not walk.complete:
+                # A kept tree too big to measure is too big to keep.
+                pfd = safefs.open_dir(self.cfg.base_parent)
+                try:
+                    self._drop_kept(pfd, k, f"more than {KEPT_MEASURE_MAX} entries")
+                finally:
+                    os.close(pfd)
+                continue
+            self.kept_sizes[k["name"]] = (walk.bytes, time.monotonic())
+
+    def _enforce_keep_max(self):
+        """Over keep_max, evict the oldest kept directory of the user whose
+        kept directories use the most, until all of them fit: a user who
+        fills the space loses their own first, never another user's."""
+        kept = namespace.kept_dirs(self.cfg)
+        sizes = {k["name"]: self.kept_sizes.get(k["name"], (0,))[0] for k in kept}
+        total = sum(sizes.values())
+        if total <= self.cfg.keep_max:
+            return
+        by_user = {}
+        for k in kept:                  # oldest first (earliest expiry)
+            by_user.setdefault(k["uid"], []).append(k)
+        pfd = safefs.open_dir(self.cfg.base_parent)
+        try:
+            while total > self.cfg.keep_max and by_user:
+                user = max(by_user, key=lambda u: sum(sizes[k["name"]] for k in by_user[u]))
+                k = by_user[user].pop(0)
+                if not by_user[user]:
+                    del by_user[user]
+                self._drop_kept(pfd, k, f"kept directories use {total} bytes, over keep_max={self.cfg.keep_max}; "
+                                        f"uid {user} uses the most")
+                total -= sizes[k["name"]]
+                self.kept_sizes.pop(k["name"], None)
+        finally:
+            os.close(pfd)
 
     def _drop_kept(self, pfd, k, why):
-        namespace.umount_limited_fs(self.cfg.base_parent, k["name"])
-        tname = names.trash_name(self.cfg.base_name, k["job"], k["restart"], safefs._nonce())
-        if safefs.rename_aside(pfd, k["name"], tname):
+        tname = namespace.trash_if_ours(pfd, self.cfg, k["name"], k["job"], k["restart"], kept=True)
+        if tname:
             log.info(event("kept", "removed", k["job"], k["uid"], dir=k["path"], reason=why))
             self.queue_removal(self.cfg.base_parent, tname)
 
@@ -699,7 +771,7 @@ class Daemon:
         while not self.stopping:
             self._guarded("retry", self._retry_due)
             self._guarded("remove", self._start_removals)
-            for key, _ in self.sel.select(1.0):
+            for key, _ in self.sel.select(0 if self.kept_walk or self.kept_queue else 1.0):
                 if key.data == "listen":
                     self._guarded("accept", self._accept)
                 elif key.data == "signal":
@@ -709,6 +781,8 @@ class Daemon:
             self._guarded("expire", self._expire)
             if (self.cfg.keep_failed or self.kept_sizes) and time.monotonic() >= self.next_kept_check:
                 self._guarded("kept", self.check_kept)
+            if self.kept_walk or self.kept_queue:
+                self._guarded("kept", self._measure_kept)
             self._guarded("reap", self._reap)
             self._guarded("metrics", self.metrics.maybe_write, self._sample_gauges)
         self.shutdown()

@@ -56,17 +56,21 @@ def job_dir_name(base_name, job, restart):
     return f"{base_name}.{job}.{restart}"
 
 
-def trash_name(base_name, job, restart, nonce):
+def trash_name(base_name, job, restart, nonce, kept=False):
     """A job directory being removed: renamed (atomically, in the same parent)
-    so the job path is free at once and the removal can resume after a crash."""
-    return f"{base_name}.{job}.{restart}.deleting.{nonce}"
+    so the job path is free at once and the removal can resume after a crash.
+    kept: it was a kept directory, reachable by its user from the host, so
+    its user directories are removed with their owner's credentials only
+    (the name says so, across a restart too)."""
+    return f"{base_name}.{job}.{restart}.deleting{'-kept' if kept else ''}.{nonce}"
 
 
-def kept_name(base_name, job, restart, until, exit_code):
+def kept_name(base_name, job, restart, until, exit_code, nonce):
     """A failed job's directories kept for debugging until the Unix time
     `until`: the name alone carries what the daemon needs after a restart
-    or a reboot."""
-    return f"{base_name}.{job}.{restart}.kept.{until}.{exit_code}"
+    or a reboot.  The nonce makes it unpredictable: a user who could guess
+    it could pre-create it and have another user's job silently not kept."""
+    return f"{base_name}.{job}.{restart}.kept.{until}.{exit_code}.{nonce}"
 
 
 class NameMatcher:
@@ -76,8 +80,9 @@ class NameMatcher:
         b = re.escape(base_name)
         num = r"(0|[1-9][0-9]*)"
         self._job = re.compile(rf"{b}\.{num}\.{num}\Z", re.ASCII)
-        self._kept = re.compile(rf"{b}\.{num}\.{num}\.kept\.{num}\.{num}\Z", re.ASCII)
-        self._trash = re.compile(rf"{b}\.{num}\.{num}\.deleting\.[0-9a-z]+\Z", re.ASCII)
+        # Kept names of earlier versions had no nonce.
+        self._kept = re.compile(rf"{b}\.{num}\.{num}\.kept\.{num}\.{num}(?:\.[0-9a-f]+)?\Z", re.ASCII)
+        self._trash = re.compile(rf"{b}\.{num}\.{num}\.deleting(?P<kept>-kept)?\.[0-9a-z]+\Z", re.ASCII)
         # safefs builds a job directory under .<name>.new.<nonce> and may move
         # a blocking entry to .<name>.aside.<nonce>: leftovers of a crash.
         self._temp = re.compile(rf"\.{b}\.{num}\.{num}\.(new|aside)\.[0-9a-z]+\Z", re.ASCII)
@@ -94,6 +99,11 @@ class NameMatcher:
 
     def trash(self, name):
         return self._trash.match(name) is not None
+
+    def kept_trash(self, name):
+        """A kept directory being removed (trash_name(kept=True))."""
+        m = self._trash.match(name)
+        return bool(m and m.group("kept"))
 
     def temporary(self, name):
         return self._temp.match(name) is not None

@@ -22,12 +22,11 @@ into other namespaces.
 import errno
 import json
 import os
-import signal
 import stat
 import threading
 import time
 
-from . import kernel, names, safefs
+from . import kernel, names, proc, safefs
 from .kernel import KernelError
 
 STATE_CREATING = "creating"
@@ -39,31 +38,6 @@ class NamespaceError(Exception):
 
 
 # --- run directory -------------------------------------------------------
-
-def _is_mountpoint(path):
-    target = os.fsencode(path)
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            mp = line.split(b" ", 5)[4]
-            if _unescape(mp) == target:
-                return True
-    return False
-
-
-def _unescape(field):
-    # mountinfo octal-escapes space, tab, newline and backslash.
-    if b"\\" not in field:
-        return field
-    out, i = bytearray(), 0
-    while i < len(field):
-        if field[i:i + 1] == b"\\" and field[i + 1:i + 4].isdigit():
-            out.append(int(field[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out += field[i:i + 1]
-            i += 1
-    return bytes(out)
-
 
 def _secure_dir(path):
     """mkdir -m 0700 path (root's), refusing a symlink or a foreign owner."""
@@ -86,7 +60,7 @@ def setup_rundir(cfg):
     nsdir = f"{cfg.rundir}/ns"
     _secure_dir(nsdir)
     _secure_dir(f"{cfg.rundir}/jobs")
-    if not _is_mountpoint(nsdir):
+    if not proc.is_mountpoint(nsdir):
         kernel.mount(nsdir, nsdir, None, kernel.MS_BIND)
     make_pin_dir_private(cfg)
 
@@ -229,123 +203,6 @@ def _pin(cfg, job, nsfd):
     if pin_identity(cfg, job) != (expect.st_dev, expect.st_ino):
         unpin(cfg, job)
         raise NamespaceError(f"pin {pin} does not hold the job's new namespace after mounting it")
-
-
-# --- processes -----------------------------------------------------------
-
-def processes_in(ns_id, holding=(), uid=None):
-    """PIDs whose mount namespace is ns_id (dev, ino).  Only meaningful while
-    the namespace is pinned: inode numbers are reused once it is freed.
-
-    holding: paths of the job's directories.  A job's user can create a
-    user namespace and in it a mount namespace of their own (unshare -Urm):
-    its processes carry copies of the job's mounts but are not in ns_id.
-    With holding, processes of any other namespace (except ours) that has
-    one of the job's directories mounted are included.  Where those are
-    mounted from (mount_roots) is only worked out when such a process turns
-    up: it reads the host's mountinfo, one line per live job."""
-    out = []
-    roots = None
-    # Namespaces are told apart by readlink of /proc/PID/ns/mnt ("mnt:[INODE]"):
-    # half the cost of a stat, which follows the magic link into nsfs
-    # (2 instead of 4 ms per 1000 processes).  Every mount namespace is an
-    # inode of the one nsfs device, so the inode identifies it.
-    if ns_id[0] != os.stat("/proc/self/ns/mnt").st_dev:
-        return out              # not a namespace: no process can be in it
-    own = os.readlink("/proc/self/ns/mnt")
-    verdict = {f"mnt:[{ns_id[1]}]": True, own: False}   # per namespace: its mounts are the same for all its processes
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        try:
-            ident = os.readlink(f"/proc/{name}/ns/mnt")
-        except OSError:
-            continue            # gone, or a zombie (which holds no namespace)
-        if ident not in verdict:
-            # Only the job's user can have made a namespace from the job's
-            # (unless root did): reading every foreign namespace's mountinfo
-            # would let any user slow every Epilog with many mounts.
-            if not holding or (uid is not None and _proc_uid(name) != uid):
-                continue
-            if roots is None:
-                roots = mount_roots(holding)
-            verdict[ident] = bool(roots) and _mounts_any_of(pid, roots)
-        if verdict[ident]:
-            out.append(pid)
-    return out
-
-
-def _proc_uid(pid):
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-
-
-def mount_roots(paths):
-    """[(b"major:minor", root)]: how a bind mount of each directory appears
-    in /proc/PID/mountinfo (device, and path within its filesystem)."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        table = [line.split(b" ", 5) for line in f]
-    out = []
-    for path in paths:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}".encode()
-        p = os.fsencode(path)
-        best = None
-        for fields in table:
-            mp = _unescape(fields[4])
-            if fields[2] == dev and (p == mp or p.startswith(mp.rstrip(b"/") + b"/")):
-                if best is None or len(mp) > len(best[0]):
-                    best = (mp, _unescape(fields[3]))
-        if best:
-            mp, root = best
-            rest = p[len(mp):].strip(b"/")
-            out.append((dev, root.rstrip(b"/") + b"/" + rest if rest else root))
-    return out
-
-
-def _mounts_any_of(pid, roots):
-    try:
-        with open(f"/proc/{pid}/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split(b" ", 5)
-                root = _unescape(fields[3])
-                for dev, top in roots:
-                    if fields[2] == dev and (root == top or root.startswith(top + b"/")):
-                        return True
-    except OSError:
-        pass
-    return False
-
-
-def kill_processes_in(ns_id, timeout, holding=(), uid=None):
-    """SIGKILL every process still inside the job's namespace (Slurm has
-    already had its chance to end them; what remains escaped its process
-    tracking), and those in namespaces of their own that hold the job's
-    directories (see processes_in), and wait until none is left.  Returns
-    the PIDs killed."""
-    killed = []
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = [p for p in processes_in(ns_id, holding, uid) if p != os.getpid()]
-        if not pids:
-            return killed
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            if pid not in killed:
-                killed.append(pid)
-        if time.monotonic() > deadline:
-            raise NamespaceError(f"processes {pids} are still in the job's namespace after SIGKILL "
-                                 f"(uninterruptible I/O?); retry the Epilog later")
-        time.sleep(0.02)
 
 
 # --- create --------------------------------------------------------------
@@ -601,7 +458,8 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
 
     keep_until (Unix time): keep the directories under their kept name
     (keep_failed=) instead of removing them."""
-    info = {"job": job, "killed": [], "unpinned": False, "dirs": [], "kept": []}
+    info = {"job": job, "killed": [], "cgroups": [], "unpinned": False, "dirs": [], "kept": [],
+            "keep_errors": []}
     state = read_state(cfg, job) or {}
     ns_id = pin_identity(cfg, job)
     if ns_id and isinstance(state.get("ns"), list) and list(ns_id) != state["ns"]:
@@ -618,7 +476,12 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         # directories mounted in their namespace.
         target = ns_id or (os.stat("/proc/self/ns/mnt").st_dev, 0)
         uid = state.get("uid") if type(state.get("uid")) is int else None
-        info["killed"] = kill_processes_in(target, cfg.kill_timeout, subdirs, uid)
+        try:
+            info["killed"] = proc.kill_processes_in(
+                target, cfg.kill_timeout, subdirs, uid, job,
+                on_cgroup=lambda cg, n: info["cgroups"].append(f"{cg[1]} ({n})"))
+        except proc.StillRunning as e:
+            raise NamespaceError(str(e)) from None
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         unpin(cfg, job)
         info["unpinned"] = True
@@ -631,11 +494,12 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     try:
         for r in sorted(restarts):
             dname = names.job_dir_name(cfg.base_name, job, r)
-            if keep_until:
-                kname = keep_if_ours(pfd, cfg, dname, job, r, keep_until, exit_code)
+            if keep_until and safefs.is_ours(pfd, dname):
+                kname, why = keep_if_ours(pfd, cfg, dname, job, r, keep_until, exit_code)
                 if kname:
                     info["kept"].append(f"{cfg.base_parent}/{kname}")
                     continue
+                info["keep_errors"].append(f"{dname}: {why}")
             tname = trash_if_ours(pfd, cfg, dname, job, r)
             if tname:
                 info["dirs"].append(dname)
@@ -650,22 +514,30 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
 def keep_if_ours(pfd, cfg, dname, job, restart, until, exit_code):
     """Rename a job directory of ours to its kept name and let its owner
     reach it: the top stays root's (that marks it ours) with mode 0711, the
-    subdirectories stay the user's, 0700.  Returns the kept name or None."""
+    subdirectories stay the user's, 0700.  Returns (kept name, None), or
+    (None, why) when it cannot be kept (the caller removes it instead and
+    logs why: a failure to keep is never silent)."""
     if not safefs.is_ours(pfd, dname):
-        return None
-    kname = names.kept_name(cfg.base_name, job, restart, int(until), exit_code)
-    try:
-        if not safefs.rename_aside(pfd, dname, kname):
-            return None
-    except (OSError, KernelError):
-        return None             # (a kept name already taken) removed instead
+        return None, "not a directory of privtmpd's"
+    for _ in range(8):
+        kname = names.kept_name(cfg.base_name, job, restart, int(until), exit_code, safefs._nonce())
+        try:
+            if not safefs.rename_aside(pfd, dname, kname):
+                return None, "the job directory vanished"
+            break
+        except (OSError, KernelError) as e:
+            if e.errno != errno.EEXIST:
+                return None, f"renameat2 {kname}: {os.strerror(e.errno)}"
+            # Taken (by a guess at a random name): another nonce.
+    else:
+        return None, "every kept name tried was taken"
     fd = os.open(kname, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
     try:
         _owner_only(fd)
         os.fchmod(fd, 0o711)
     finally:
         os.close(fd)
-    return kname
+    return kname, None
 
 
 def _owner_only(fd, depth=0):
@@ -728,13 +600,14 @@ def _owner_uid(pfd, name):
         os.close(fd)
 
 
-def trash_if_ours(pfd, cfg, dname, job, restart):
+def trash_if_ours(pfd, cfg, dname, job, restart, kept=False):
     """Rename a job directory to its trash name if it is ours (a root-owned
-    directory; users cannot create those).  Returns the trash name or None."""
+    directory; users cannot create those).  Returns the trash name or None.
+    kept: dname is a kept directory (see names.trash_name)."""
     if not safefs.is_ours(pfd, dname):
         return None
     umount_limited_fs(cfg.base_parent, dname)
-    tname = names.trash_name(cfg.base_name, job, restart, safefs._nonce())
+    tname = names.trash_name(cfg.base_name, job, restart, safefs._nonce(), kept)
     if safefs.rename_aside(pfd, dname, tname):
         return tname
     return None

@@ -411,7 +411,64 @@ def remove_tree(parent_fd, name, stats=None, budget=None, sizes=False):
     return stats
 
 
-def _empty(top, stats, budget, sizes):
+def _reclaim(dirfd, fix):
+    """With fix (removal with a user's credentials, see remove_as_owner): a
+    directory of our own that denied us (a user may chmod their directories
+    0500 or 0000) gets rwx for its owner back, as the user could do
+    themselves.  True when it changed something worth a second try."""
+    if not fix:
+        return False
+    st = os.fstat(dirfd)
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o700 == 0o700:
+        return False
+    os.fchmod(dirfd, stat.S_IMODE(st.st_mode) | 0o700)
+    return True
+
+
+def _unlink(dirfd, name, fix):
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except PermissionError:
+        if not _reclaim(dirfd, fix):
+            raise
+        os.unlink(name, dir_fd=dirfd)
+
+
+def _rmdir(dirfd, name, fix):
+    try:
+        os.rmdir(name, dir_fd=dirfd)
+    except PermissionError:
+        if not _reclaim(dirfd, fix):
+            raise
+        os.rmdir(name, dir_fd=dirfd)
+
+
+def _open_own_child_dir(dirfd, name, fix):
+    try:
+        return _open_child_dir(dirfd, name)
+    except PermissionError:
+        if not fix:
+            raise
+        if _reclaim(dirfd, fix):            # no search permission in the parent
+            try:
+                return _open_child_dir(dirfd, name)
+            except PermissionError:
+                pass
+        # The directory itself has no rwx for its owner: chmod it through
+        # an O_PATH fd (which needs no permission on it and never follows a
+        # symlink), if it is ours.
+        pfd = os.open(name, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            st = os.fstat(pfd)
+            if st.st_uid != os.geteuid():
+                raise PermissionError(errno.EACCES, "a directory of another user's", name)
+            os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(st.st_mode) | 0o700)
+        finally:
+            os.close(pfd)
+        return _open_child_dir(dirfd, name)
+
+
+def _empty(top, stats, budget, sizes, fix=False):
     counter = 0
     stack = [(top, os.scandir(top), None)]
     try:
@@ -432,10 +489,10 @@ def _empty(top, stats, budget, sizes):
                             nbytes = entry.stat(follow_symlinks=False).st_blocks * 512
                             if budget is not None:
                                 budget.charge(nbytes)
-                            os.unlink(nm, dir_fd=fd)
+                            _unlink(fd, nm, fix)
                             stats.bytes += nbytes
                         else:
-                            os.unlink(nm, dir_fd=fd)
+                            _unlink(fd, nm, fix)
                             stats.sized = False
                         stats.files += 1
                         continue
@@ -456,7 +513,7 @@ def _empty(top, stats, budget, sizes):
                         stats.fail("renameat", nm, e.errno)
                     continue
                 try:
-                    cfd = _open_child_dir(fd, nm)
+                    cfd = _open_own_child_dir(fd, nm, fix)
                 except FileNotFoundError:
                     continue
                 except OSError as e:
@@ -465,7 +522,7 @@ def _empty(top, stats, budget, sizes):
                         stats.fail("openat2", nm, e.errno)
                     elif e.errno in (errno.ELOOP, errno.ENOTDIR):
                         try:
-                            os.unlink(nm, dir_fd=fd)
+                            _unlink(fd, nm, fix)
                             stats.files += 1
                         except OSError as e2:
                             stats.fail("unlinkat", nm, e2.errno)
@@ -482,7 +539,7 @@ def _empty(top, stats, budget, sizes):
             if stack:
                 os.close(fd)
                 try:
-                    os.rmdir(nm, dir_fd=stack[-1][0])
+                    _rmdir(stack[-1][0], nm, fix)
                     stats.dirs += 1
                 except FileNotFoundError:
                     pass
@@ -495,49 +552,195 @@ def _empty(top, stats, budget, sizes):
                 os.close(fd)
 
 
-def tree_usage(dirfd, name, max_entries=10_000_000, progress=None):
-    """(bytes, entries, complete) of dirfd/name, walked like removal: never
-    a symlink, never another mount, at most MAX_DEPTH directories open.
+def remove_as_owner(parent_fd, name):
+    """Remove parent/name, a kept job directory, with no more power over
+    each user directory in it than its owner has.
+
+    A kept directory is 0711 and reachable from a host shell, so its user
+    can rename() into it an entry of another user's from any non-sticky
+    world-writable directory on the same filesystem.  Root removing it all
+    would delete what the user alone could not.  So each directory at the
+    top is emptied by a child process with its owner's uid and gid (and no
+    supplementary groups: never more than the owner); what that leaves is
+    reported and stays.  Root then removes only what privtmpd itself put
+    there: the top, the emptied directories, the limit= image file."""
+    stats = RemoveStats()
+    try:
+        top = _open_child_dir(parent_fd, name)
+    except FileNotFoundError:
+        return stats
+    try:
+        with os.scandir(top) as it:
+            entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        for sub, st in entries:
+            if not stat.S_ISDIR(st.st_mode):
+                if st.st_uid == 0 and stat.S_ISREG(st.st_mode):
+                    os.unlink(sub, dir_fd=top)      # the limit= image, root's own file
+                    stats.files += 1
+                else:
+                    stats.fail("unlinkat", sub, errno.EPERM)
+                continue
+            if st.st_uid == 0:
+                _empty_child(top, sub, stats)        # root's own (the limit= mount point)
+            else:
+                _empty_as(top, sub, st.st_uid, st.st_gid, stats)
+            try:
+                os.rmdir(sub, dir_fd=top)
+                stats.dirs += 1
+            except OSError as e:
+                stats.fail("rmdir", sub, e.errno)
+    finally:
+        os.close(top)
+    if stats.failures or stats.mounts_skipped:
+        return stats
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+        stats.dirs += 1
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        stats.fail("rmdir", name, e.errno)
+    return stats
+
+
+def _empty_child(top, sub, stats, fix=False):
+    try:
+        fd = _open_own_child_dir(top, sub, fix)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            stats.mounts_skipped += 1
+        stats.fail("openat2", sub, e.errno)
+        return
+    try:
+        _empty(fd, stats, None, False, fix)
+    finally:
+        os.close(fd)
+
+
+def _empty_as(top, sub, uid, gid, stats):
+    """_empty_child in a forked child that has only uid's and gid's rights."""
+    import json
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            kernel.set_pdeathsig(9)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            child = RemoveStats()
+            _empty_child(top, sub, child, fix=True)
+            os.write(w, json.dumps(child.__dict__).encode()[:60000])
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    try:
+        got = json.loads(data)
+    except ValueError:
+        stats.fail("remove-as-owner", sub, errno.EIO)
+        return
+    for k in ("files", "dirs", "bytes", "mounts_skipped", "failures"):
+        setattr(stats, k, getattr(stats, k) + got[k])
+    stats.sized = False
+    stats.errors += got["errors"][:MAX_ERRORS_KEPT - len(stats.errors)]
+
+
+class UsageWalk:
+    """Bytes and entries of dirfd/name, walked like removal (never a
+    symlink, never another mount, at most MAX_DEPTH directories open), in
+    steps: step() walks until a deadline or until interrupt() says the
+    caller has something more urgent, and goes on where it stopped at the
+    next call.  So the daemon can measure a user's tree of any size without
+    making a Prolog wait (no work that grows with user data in one turn).
+
+    Each inode is counted once: a file hard-linked 100 times into the tree
+    is one file's size, not a hundred (a user must not be able to inflate
+    their kept directory, and with it the eviction of others').
+
     complete is False when max_entries or MAX_DEPTH cut the walk short
     (callers that enforce a budget must then treat the tree as too big)."""
-    total = count = 0
-    complete = True
-    top = _open_child_dir(dirfd, name)
-    stack = [(top, os.scandir(top))]
-    try:
-        while stack:
-            fd, it = stack[-1]
-            child = None
-            for e in it:
-                count += 1
-                if count > max_entries:
-                    return total, count, False
-                if progress and not count % 1000:
-                    progress(count, total)
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
+
+    CHECK_EVERY = 256           # entries between two looks at the clock
+
+    def __init__(self, dirfd, name, max_entries=10_000_000):
+        self.bytes = self.entries = 0
+        self.complete, self.done = True, False
+        self.max_entries = max_entries
+        self._linked = set()    # (dev, ino) of files with more than one link, counted once
+        top = _open_child_dir(dirfd, name)
+        self._stack = [(top, os.scandir(top))]
+
+    def step(self, deadline=None, interrupt=None, progress=None):
+        """Walk on; True once the walk is over (then the fds are closed)."""
+        n = 0
+        try:
+            while self._stack:
+                fd, it = self._stack[-1]
+                child = None
+                for e in it:
+                    self.entries += 1
+                    n += 1
+                    if self.entries > self.max_entries:
+                        self.complete = False
+                        self.close()
+                        return True
+                    if n % self.CHECK_EVERY == 0:
+                        if progress:
+                            progress(self.entries, self.bytes)
+                        if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
+                            return False        # the iterator keeps its place
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                        if (st.st_dev, st.st_ino) in self._linked:
+                            continue
+                        self._linked.add((st.st_dev, st.st_ino))
+                    self.bytes += st.st_blocks * 512
+                    if not stat.S_ISDIR(st.st_mode):
+                        continue
+                    if len(self._stack) >= MAX_DEPTH:
+                        self.complete = False
+                        continue
+                    try:
+                        cfd = _open_child_dir(fd, e.name)
+                    except OSError:
+                        continue
+                    child = (cfd, os.scandir(cfd))
+                    break
+                if child:
+                    self._stack.append(child)
                     continue
-                total += st.st_blocks * 512
-                if not stat.S_ISDIR(st.st_mode):
-                    continue
-                if len(stack) >= MAX_DEPTH:
-                    complete = False
-                    continue
-                try:
-                    cfd = _open_child_dir(fd, e.name)
-                except OSError:
-                    continue
-                child = (cfd, os.scandir(cfd))
-                break
-            if child:
-                stack.append(child)
-                continue
-            fd, it = stack.pop()
+                fd, it = self._stack.pop()
+                it.close()
+                os.close(fd)
+        except BaseException:
+            self.close()
+            raise
+        self.done = True
+        return True
+
+    def close(self):
+        for fd, it in self._stack:
             it.close()
             os.close(fd)
-    finally:
-        for fd, it in stack:
-            it.close()
-            os.close(fd)
-    return total, count, complete
+        self._stack = []
+        self.done = True
+
+
+def tree_usage(dirfd, name, max_entries=10_000_000, progress=None):
+    """(bytes, entries, complete) of dirfd/name in one go (see UsageWalk)."""
+    walk = UsageWalk(dirfd, name, max_entries)
+    walk.step(progress=progress)
+    return walk.bytes, walk.entries, walk.complete

@@ -84,6 +84,15 @@ def test_name_matcher():
     assert not m.trash("slurm.12.0.deleting.")
     assert not m.trash("slurm.12.0.deleting.AB")
     assert not m.trash("slurm.12.0.squatted.ab")
+    assert m.trash("slurm.12.0.deleting-kept.0a1b") and m.kept_trash("slurm.12.0.deleting-kept.0a1b")
+    assert not m.kept_trash("slurm.12.0.deleting.0a1b")
+    assert names.trash_name("slurm", 12, 3, "ab", kept=True) == "slurm.12.3.deleting-kept.ab"
+    kname = names.kept_name("slurm", 12, 3, 1700000000, 256, "0a1b")
+    assert kname == "slurm.12.3.kept.1700000000.256.0a1b"
+    assert m.kept(kname) == (12, 3, 1700000000, 256)
+    assert m.kept("slurm.12.3.kept.1700000000.256") == (12, 3, 1700000000, 256)    # earlier versions
+    assert m.kept("slurm.12.3.kept.1700000000.256.") is None
+    assert m.kept("slurm.12.3.kept.1700000000.256.XY") is None
     assert m.temporary(".slurm.12.0.new.ab12")
     assert m.temporary(".slurm.12.0.aside.ab12")
     assert not m.temporary("slurm.12.0.new.ab12")

@@ -1,0 +1,172 @@
+"""The Epilog says ok only with evidence that no process is left in the
+job's namespace, even against a fork chain (each process forks and exits,
+so one process is alive at any instant and a /proc scan always lags one
+step behind).  With Slurm's cgroups, the job's cgroup is killed as one."""
+
+import os
+import secrets
+import subprocess
+import time
+
+import pytest
+
+from privtmpd import proc
+from relutil import run_hook
+
+pytestmark = pytest.mark.root
+
+CHAIN_DIR = "/var/lib/privtmpd-test/forkchain"
+CHAIN_SRC = r"""
+#include <unistd.h>
+/* A fork chain: the parent exits as soon as its child exists; the child
+   does the same.  No process lives for more than one fork. */
+int main(void) {
+    for (;;) {
+        pid_t p = fork();
+        if (p > 0)
+            _exit(0);
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def chain_exe():
+    os.makedirs(CHAIN_DIR, exist_ok=True)
+    src, exe = f"{CHAIN_DIR}/forkchain.c", f"{CHAIN_DIR}/privtmpd-forkchain"
+    with open(src, "w") as f:
+        f.write(CHAIN_SRC)
+    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+    os.chmod(exe, 0o755)
+    os.chmod(CHAIN_DIR, 0o755)
+    return exe
+
+
+# The chain runs as a uid of its own that nothing else on the machine uses
+# (no passwd entry), so that the test can always end it: kill(-1) by a
+# process of that uid reaches every process of the uid at once, which no
+# fork can outrun (never by name, never anyone else's).
+CHAIN_UID = 4085123
+
+# Each link of the chain is an orphan when its parent exits.  Orphans go
+# to the nearest subreaper: this one, not PID 1 (which on some machines
+# reaps slowly: tens of thousands of zombies exhaust the PID space).  The
+# reaper exits once it has no child left, orphans included: that, not a
+# sample of /proc, is the evidence that the chain is dead.
+REAPER = """
+import ctypes, os, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)     # PR_SET_CHILD_SUBREAPER
+if os.fork() == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def _start_chain(daemon, job, exe, cgroup_procs=None):
+    enter = f"echo $$ > {cgroup_procs}; " if cgroup_procs else ""
+    reaper = subprocess.Popen(["/usr/bin/python3", "-c", REAPER, "sh", "-c",
+                               f"{enter}exec nsenter --mount={daemon.pin(job)} -- setpriv --reuid={CHAIN_UID} "
+                               f"--regid={CHAIN_UID} --clear-groups {exe}"])
+    time.sleep(0.3)
+    assert reaper.poll() is None, "the fork chain did not start"
+    return reaper
+
+
+def _chain_lives(reaper, seconds):
+    try:
+        reaper.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+
+
+def _stop_chain(reaper):
+    if reaper is None:
+        return
+    subprocess.run(["setpriv", f"--reuid={CHAIN_UID}", f"--regid={CHAIN_UID}", "--clear-groups",
+                    "/usr/bin/python3", "-c", "import os; os.kill(-1, 9)"], check=False)
+    reaper.wait(timeout=30)
+
+
+def test_epilog_outlasts_a_fork_chain(daemon, chain_exe, figures):
+    job = 4101
+    assert daemon.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
+    reaper = None
+    try:
+        reaper = _start_chain(daemon, job, chain_exe)
+        t0 = time.monotonic()
+        r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
+        ms = (time.monotonic() - t0) * 1000
+        assert r.returncode == 0, r.stderr
+        lives = _chain_lives(reaper, 2.0)
+        figures("epilog against a fork chain", epilog_ms=round(ms, 1), chain_survived=lives)
+        assert not lives, "the fork chain lived on after the Epilog said ok"
+        assert "op=destroy result=killed" in daemon.log()
+    finally:
+        _stop_chain(reaper)
+
+
+def _mk_cgroup(top, job):
+    name = f"privtmpd-test-{secrets.token_hex(4)}"
+    d = f"{top}/{name}/slurm/uid_{CHAIN_UID}/job_{job}/step_0"
+    os.makedirs(d)
+    return f"{top}/{name}", d
+
+
+def _rm_cgroup(root):
+    for dirpath, dirs, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("kind, top", [("v1 freezer", "/sys/fs/cgroup/freezer"),
+                                       ("v2", "/sys/fs/cgroup/unified"),
+                                       ("v2", "/sys/fs/cgroup")])
+def test_epilog_kills_the_jobs_cgroup(daemon, chain_exe, kind, top):
+    if not os.path.exists(f"{top}/cgroup.procs") or (kind == "v2") != os.path.exists(f"{top}/cgroup.controllers"):
+        pytest.skip(f"no cgroup {kind} hierarchy at {top} on this machine (the other layouts are tested)")
+    job = 4102
+    assert daemon.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
+    root, step = _mk_cgroup(top, job)
+    reaper = None
+    try:
+        reaper = _start_chain(daemon, job, chain_exe, f"{step}/cgroup.procs")
+        r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
+        assert r.returncode == 0, r.stderr
+        assert not _chain_lives(reaper, 2.0)
+        assert f"{root}/slurm/uid_{CHAIN_UID}/job_{job} (" in daemon.log(), daemon.log()
+    finally:
+        _stop_chain(reaper)
+        _rm_cgroup(root)
+
+
+def test_a_cgroup_of_another_job_or_owner_is_never_killed(daemon):
+    """Only a root-owned directory named job_<this job> is a job's cgroup."""
+    top = "/sys/fs/cgroup/freezer"
+    if not os.path.exists(f"{top}/cgroup.procs"):
+        pytest.skip("no cgroup v1 freezer hierarchy on this machine")
+    root, step = _mk_cgroup(top, 4200)
+    sleeper = subprocess.Popen(["sh", "-c", f"echo $$ > {step}/cgroup.procs; exec sleep 30"])
+    try:
+        time.sleep(0.2)
+        assert proc.cgroup.job_cgroup_of(sleeper.pid, 4201) is None
+        assert proc.cgroup.job_cgroup_of(sleeper.pid, 420) is None
+        assert proc.cgroup.job_cgroup_of(sleeper.pid, 4200) == ("freezer", f"{root}/slurm/uid_{CHAIN_UID}/job_4200")
+        os.chown(f"{root}/slurm/uid_{CHAIN_UID}/job_4200", CHAIN_UID, CHAIN_UID)     # a user's (delegated) cgroup
+        assert proc.cgroup.job_cgroup_of(sleeper.pid, 4200) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        _rm_cgroup(root)
+
+
+def test_new_pids_wrap_at_pid_max():
+    assert list(proc._new_pids(10, 13, 32768)) == [11, 12, 13]
+    assert list(proc._new_pids(32766, 301, 32768)) == [32767, 300, 301]
+    assert list(proc._new_pids(5, 5, 32768)) == []

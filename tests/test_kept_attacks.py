@@ -1,0 +1,181 @@
+"""keep_failed= under attack by the kept directory's own user: foreign
+entries renamed in, predictable names, hard links, huge trees.  Each case
+failed on the version before its fix."""
+
+import os
+import secrets
+import subprocess
+import time
+
+import pytest
+
+from cli import wait_for
+from harness import TEST_BASE_PARENT
+from privtmpd import config, namespace, safefs
+
+pytestmark = pytest.mark.root
+
+ATTACKER, VICTIM = 4085201, 4085202      # uids of their own, no passwd entry needed
+
+
+def as_user(uid, *argv, check=True):
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+                          capture_output=True, text=True, check=check)
+
+
+def _kept_path(d, job, exit_code="256"):
+    reply = d.request(op="destroy", job=str(job), exit_code=exit_code)
+    assert reply["ok"] and len(reply["kept"]) == 1, reply
+    return reply["kept"][0]
+
+
+@pytest.fixture
+def drop():
+    """A world-writable directory without the sticky bit, on the filesystem
+    of the job directories (a shared drop box, a careless 0777 directory)."""
+    path = f"{TEST_BASE_PARENT}/drop-{secrets.token_hex(4)}"
+    os.makedirs(path)
+    os.chmod(path, 0o777)
+    yield path
+    subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
+
+
+def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_factory, drop):
+    d = daemon_factory("keep_failed=3s keep_max=1g")
+    assert d.create(7101, uid=ATTACKER, gid=ATTACKER)["ok"]
+    kept = _kept_path(d, 7101)
+    # The victim's files: a directory anyone may move (0777), and in it one
+    # that only the victim may change.
+    os.makedirs(f"{drop}/vdir/sub")
+    with open(f"{drop}/vdir/sub/secret", "w") as f:
+        f.write("the victim's\n")
+    for p in (f"{drop}/vdir", f"{drop}/vdir/sub", f"{drop}/vdir/sub/secret"):
+        os.chown(p, VICTIM, VICTIM)
+    os.chmod(f"{drop}/vdir", 0o777)
+    os.chmod(f"{drop}/vdir/sub", 0o755)
+    assert as_user(ATTACKER, "rm", "-rf", f"{drop}/vdir/sub", check=False).returncode != 0
+    assert os.path.exists(f"{drop}/vdir/sub/secret")
+    # The attacker's own files, some behind modes they set themselves.
+    as_user(ATTACKER, "sh", "-c", f"cd {kept}/tmp && mkdir -p a/b && touch a/b/f own && chmod 0 a/b a")
+    # From a host shell: the victim's directory into the kept directory.
+    as_user(ATTACKER, "mv", f"{drop}/vdir", f"{kept}/tmp/loot")
+    wait_for(lambda: "op=remove result=incomplete" in d.log(), timeout=30, what="the kept directory's removal")
+    left = [os.path.join(dp, f) for dp, _, fs in os.walk(d.base_parent) for f in fs]
+    assert any(p.endswith("/loot/sub/secret") for p in left), (left, d.log())
+    # Everything the attacker could remove is gone; what is left is the victim's.
+    assert not [p for p in left if p.endswith(("/own", "/a/b/f"))], left
+    for p in left:
+        assert os.lstat(p).st_uid == VICTIM, p
+    assert "Permission denied" in d.log()
+
+
+def test_a_kept_directory_of_the_users_own_is_removed_whatever_its_modes(daemon_factory):
+    d = daemon_factory("keep_failed=2s keep_max=1g")
+    assert d.create(7102, uid=ATTACKER, gid=ATTACKER)["ok"]
+    kept = _kept_path(d, 7102)
+    as_user(ATTACKER, "sh", "-c", f"cd {kept}/tmp && mkdir -p x/y/z && touch x/y/z/f x/y/g && "
+                                  f"chmod 0 x/y/z && chmod 500 x/y && chmod 0 x && chmod 0 {kept}/var_tmp")
+    wait_for(lambda: not os.path.exists(kept) and "op=remove result=ok" in d.log(), timeout=30,
+             what="the kept directory's removal")
+    assert not [n for n in os.listdir(d.base_parent) if ".7102." in n]
+
+
+def test_kept_names_cannot_be_guessed(daemon_factory):
+    """Every name an earlier version would have used is taken by another
+    user beforehand: the job is kept all the same."""
+    d = daemon_factory("keep_failed=1h keep_max=1g")
+    assert d.create(7103, uid=VICTIM, gid=VICTIM)["ok"]
+    now = int(time.time()) + 3600
+    for until in range(now - 2, now + 30):
+        as_user(ATTACKER, "mkdir", f"{d.base_parent}/job.7103.0.kept.{until}.256")
+    kept = _kept_path(d, 7103)
+    assert os.stat(kept).st_uid == 0 and os.stat(f"{kept}/tmp").st_uid == VICTIM
+
+
+def test_a_failure_to_keep_is_logged(tmp_path, monkeypatch):
+    """When no kept name can be had, the directory is removed as usual and
+    the reason reaches the log (keep_if_ours says why)."""
+    base = tmp_path / "b"
+    base.mkdir()
+    cfg = config.parse(f"base={base}/job")
+    (base / "job.5.0").mkdir()
+    monkeypatch.setattr(safefs, "_nonce", lambda: "ab")
+    (base / f"job.5.0.kept.{int(time.time())}.1.ab").mkdir()
+    pfd = safefs.open_dir(str(base))
+    try:
+        name, why = namespace.keep_if_ours(pfd, cfg, "job.5.0", 5, 0, time.time(), 1)
+    finally:
+        os.close(pfd)
+    assert name is None and "taken" in why
+    assert (base / "job.5.0").is_dir()
+
+
+# --- sizes: each inode once, the biggest user evicted first --------------
+
+def _fill(d, job, uid, mib, links=0):
+    """mib MiB of data in the job's /tmp (and `links` more names for it)."""
+    assert d.create(job, uid=uid, gid=uid)["ok"]
+    path = f"{d.job_dir(job)}/tmp/blob"
+    with open(path, "wb") as f:
+        f.write(os.urandom(mib << 20))
+    os.chown(path, uid, uid)
+    for i in range(links):
+        os.link(path, f"{path}.{i}")
+    return _kept_path(d, job)
+
+
+def _measured(d, paths):
+    kept = {k["path"]: k["bytes"] for k in d.request(op="list")["kept"]}
+    return all(kept.get(p) is not None for p in paths if os.path.exists(p))
+
+
+def test_hard_links_count_once_and_evict_nobody(daemon_factory):
+    d = daemon_factory("keep_failed=1h keep_max=4m")
+    victim = _fill(d, 7201, VICTIM, 2)
+    time.sleep(1.1)                                 # distinct expiry: the victim's is the oldest
+    attacker = _fill(d, 7202, ATTACKER, 1, links=100)
+    wait_for(lambda: _measured(d, [victim, attacker]), timeout=20, what="both kept directories measured")
+    time.sleep(1)
+    assert os.path.exists(victim), d.log()
+    sizes = {k["path"]: k["bytes"] for k in d.request(op="list")["kept"]}
+    assert sizes[attacker] < 2 << 20, sizes         # 1 MiB linked 100 times is 1 MiB
+
+
+def test_keep_max_evicts_the_biggest_users_own_first(daemon_factory):
+    d = daemon_factory("keep_failed=1h keep_max=5m")
+    victim = _fill(d, 7211, VICTIM, 1)
+    time.sleep(1.1)
+    first = _fill(d, 7212, ATTACKER, 2)
+    time.sleep(1.1)
+    second = _fill(d, 7213, ATTACKER, 2)           # 5 MiB + directories: over keep_max
+    wait_for(lambda: not os.path.exists(first), timeout=20, what="eviction of the attacker's oldest")
+    assert os.path.exists(victim) and os.path.exists(second), d.log()
+
+
+def test_measuring_a_huge_kept_directory_does_not_hold_up_prologs(daemon_factory, figures):
+    """No work that grows with user data in one turn of the daemon: a kept
+    directory of 150 000 files is measured in steps between requests."""
+    from privtmpd import client
+    d = daemon_factory("keep_failed=1h keep_max=10g")
+    assert d.create(7221, uid=VICTIM, gid=VICTIM)["ok"]
+    top = f"{d.job_dir(7221)}/tmp"
+    for i in range(150):
+        os.mkdir(f"{top}/d{i}")
+        for j in range(1000):
+            os.close(os.open(f"{top}/d{i}/{j}", os.O_WRONLY | os.O_CREAT, 0o600))
+    t0 = time.monotonic()
+    kept = _kept_path(d, 7221)                      # measuring starts after this reply
+    worst, n, job = 0.0, 0, 7300
+    while not _measured(d, [kept]):
+        assert time.monotonic() - t0 < 120, "the kept directory was never measured"
+        t = time.monotonic()
+        client.request({"op": "create", "job": str(job), "restart": "0", "uid": "1", "gid": "1"},
+                       d.socket, timeout=60)
+        worst = max(worst, time.monotonic() - t)
+        client.request({"op": "destroy", "job": str(job)}, d.socket, timeout=60)
+        job, n = job + 1, n + 1
+    took = time.monotonic() - t0
+    figures("prolog latency while a 150k-file kept dir is measured",
+            worst_prolog_ms=round(worst * 1000, 1), prologs=n, measure_s=round(took, 2))
+    assert n >= 5, f"only {n} Prologs during the measurement ({took:.2f} s)"
+    assert worst < 0.25, f"a Prolog waited {worst * 1000:.0f} ms while the kept directory was measured"
