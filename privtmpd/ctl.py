@@ -14,7 +14,7 @@ import pwd
 import sys
 import time
 
-from . import __version__, config, kernel, names, safefs
+from . import __version__, config, kernel, names, namespace, safefs
 from .client import DEFAULT_SOCKET, ClientError, request
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -282,12 +282,25 @@ def cmd_show(cfg, args):
 
 
 def cmd_enter(cfg, args):
-    """setns into the job's pinned namespace and exec a command, like
+    """setns into the job's pinned namespace and run a command, like
     nsenter --mount=PIN.  This process is single-threaded, as setns needs.
-    Does not need the daemon: a pin is enough."""
+    Does not need the daemon: a pin is enough.
+
+    Inside, /tmp and /var/tmp are the job user's own directories, not
+    sticky: every name in them is the user's to create, swap or point
+    anywhere.  As root, that is a trap (a symlink at a name a root tool
+    writes to lands on any file of the host), so: a warning, TMPDIR at a
+    directory of root's own, and --user to look as the job's user instead."""
     _need_root()
     job = args.job
     pin = names.pin_path(cfg.rundir, job)
+    ident = None
+    if args.user:
+        st = namespace.read_state(cfg, job) or {}
+        if type(st.get("uid")) is not int or type(st.get("gid")) is not int:
+            raise CtlError(f"job {job}: no state file with its uid and gid in {cfg.rundir}/jobs; "
+                           f"enter it as root (without --user)")
+        ident = (st["uid"], st["gid"], st.get("user") or "")
     try:
         fd = os.open(pin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -299,15 +312,59 @@ def cmd_enter(cfg, args):
     finally:
         os.close(fd)
     os.chdir("/")
-    if cfg.tmpdir_value != "none":
-        os.environ["TMPDIR"] = cfg.tmpdir_value
     os.environ["PRIVTMPD_JOB"] = str(job)
     cmd = args.command or [os.environ.get("SHELL") or "/bin/sh"]
+    private = None
+    if ident:
+        _become(*ident)
+        if cfg.tmpdir_value != "none":
+            os.environ["TMPDIR"] = cfg.tmpdir_value
+    else:
+        import tempfile
+        private = tempfile.mkdtemp(prefix=f"privtmpctl-enter.{job}.", dir="/run")
+        os.environ["TMPDIR"] = private
+        if not args.command or sys.stderr.isatty():
+            print(f"privtmpctl: root in job {job}'s namespace: /tmp and /var/tmp are the job user's own "
+                  f"directories; do not follow or write to their entries as root (TMPDIR is {private}); "
+                  f"privtmpctl enter --user {job} looks as the job's user", file=sys.stderr)
     sys.stdout.flush()
+    if private is None:
+        _exec(cmd)
+    pid = os.fork()
+    if pid == 0:
+        _exec(cmd)
+    import signal
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)      # the command's to handle, at the terminal
+    _, status = os.waitpid(pid, 0)
+    import shutil
+    shutil.rmtree(private, ignore_errors=True)  # root's own directory, root's files
+    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    if code:
+        raise CtlError("", code)        # the command's status, and it said why itself
+
+
+def _become(uid, gid, user):
+    """The job user's credentials: their groups when the name resolves,
+    else their primary group only."""
+    import pwd
+    try:
+        if user and pwd.getpwnam(user).pw_uid == uid:
+            os.initgroups(user, gid)
+        else:
+            os.setgroups([gid])
+    except KeyError:
+        os.setgroups([gid])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def _exec(cmd):
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:
-        raise CtlError(f"cannot run {cmd[0]}: {e.strerror}") from None
+        print(f"privtmpctl: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
+        os._exit(1)
 
 
 def _describe_cleanup(reply, dry):
@@ -463,6 +520,8 @@ def build_parser():
     sp = add(sub, "enter", cmd_enter, "run a shell or a command inside a job's mount namespace (the job's "
              "/tmp); exits with the command's status", json_opt=False)
     sp.add_argument("job", type=_job_arg, metavar="JOB", help="Slurm job id")
+    sp.add_argument("--user", action="store_true", help="run as the job's user (uid, gid and groups), not root: "
+                    "the safe way to look at the user's files")
     sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD",
                     help="command and arguments (default: $SHELL)")
     sp = add(sub, "cleanup", cmd_cleanup, "tear down one job now, or remove what no live job owns, saying what "

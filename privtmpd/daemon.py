@@ -501,7 +501,7 @@ class Daemon:
                 log.info(event("destroy", "kept", f["job"], self.req_user, exit_code=code,
                                dirs=",".join(info["kept"]), until=time.ctime(keep)))
                 self.next_kept_check = 0.0     # keep_max: measured after this reply, not before
-            if info["killed"]:
+            if info["killed"] or info["cgroups"]:
                 log.warning(event("destroy", "killed", f["job"], self.req_user, count=len(info["killed"]),
                                   pids=",".join(map(str, info["killed"][:50])),
                                   **({"cgroups": ",".join(info["cgroups"])} if info["cgroups"] else {})))

@@ -149,6 +149,7 @@ class Doctor:
         self.slurm_conf_explicit = bool(slurm_conf or os.environ.get("SLURM_CONF"))
         self.results = []
         self.cfg = None
+        self.sysctl_fs = "/proc/sys/fs"
 
     def add(self, name, status, detail, fix=""):
         self.results.append(Result(name, status, detail, fix if status != OK else ""))
@@ -158,7 +159,7 @@ class Doctor:
             return self.results
         for check in (self.check_base, self.check_mounts, self.check_limit, self.check_rundir, self.check_propagation,
                       self.check_daemon, self.check_slurm, self.check_hook_interpreter, self.check_free_space,
-                      self.check_metrics, self.check_kernel):
+                      self.check_metrics, self.check_kernel, self.check_link_protection):
             try:
                 check()
             except Exception as e:      # noqa: BLE001 - a broken check must not hide the others
@@ -493,6 +494,28 @@ class Doctor:
                      "Linux 5.6 or later gives openat2(RESOLVE_NO_XDEV)")
             return
         self.add("kernel", OK, f"{os.uname().release}: nsfs ioctls and openat2 available")
+
+
+    def check_link_protection(self):
+        """fs.protected_symlinks and fs.protected_hardlinks: privtmpd itself
+        never follows a link, but root on the node does (admins, Slurm's
+        own hooks) in the sticky /tmp where the job directories live, and
+        without protected_hardlinks a user can link root's files (setuid
+        binaries, /etc/shadow) into their job's /tmp."""
+        bad = []
+        for key in ("protected_symlinks", "protected_hardlinks"):
+            try:
+                with open(f"{self.sysctl_fs}/{key}") as f:
+                    if f.read().strip() == "0":
+                        bad.append(f"fs.{key}")
+            except OSError:
+                pass
+        if bad:
+            self.add("link protection", WARN, f"{', '.join(bad)} = 0: root following or writing through a "
+                     f"user's links in a sticky directory (the base's) can be redirected anywhere",
+                     f"sysctl -w {'=1 '.join(bad)}=1, and the same in /etc/sysctl.d/")
+        else:
+            self.add("link protection", OK, "fs.protected_symlinks and fs.protected_hardlinks are on")
 
 
 def run_checks(config_path, slurm_conf=None):

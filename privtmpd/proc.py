@@ -213,7 +213,7 @@ def kill_processes_in(ns_id, timeout, holding=(), uid=None, job=None, on_cgroup=
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                continue
+                pass            # gone already (its cgroup's kill, or its own exit): found all the same
             if pid not in seen:
                 seen.add(pid)
                 killed.append(pid)

@@ -226,7 +226,11 @@ def test_enter_runs_a_command_in_the_jobs_namespace(daemon):
     r = ctl(daemon.conf_path, "enter", "41", "--", "sh", "-c",
             'echo "$TMPDIR $PRIVTMPD_JOB $(pwd)"; echo from-enter > /var/tmp/written; ls -A /tmp')
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["/tmp 41 /", "marker"]
+    tmpdir, rest = r.stdout.splitlines()[0].split(" ", 1)
+    assert r.stdout.splitlines()[1:] == ["marker"] and rest == "41 /"
+    # As root, TMPDIR is root's own (the job's /tmp is the user's to fill
+    # with symlinks), gone afterwards.
+    assert tmpdir.startswith("/run/privtmpctl-enter.41.") and not os.path.exists(tmpdir)
     assert open(f"{daemon.job_dir(41)}/var_tmp/written").read() == "from-enter\n"
     assert not os.path.exists("/var/tmp/written")
     # The same mount namespace as the job's tasks.
@@ -236,6 +240,19 @@ def test_enter_runs_a_command_in_the_jobs_namespace(daemon):
     assert ctl(daemon.conf_path, "enter", "41", "sh", "-c", "exit 7").returncode == 7
     r = ctl(daemon.conf_path, "enter", "41", "--", "no-such-command-xyz")
     assert r.returncode == 1 and "cannot run no-such-command-xyz" in r.stderr
+
+
+def test_enter_warns_root_and_enters_as_the_user(daemon):
+    create(daemon, 43)
+    r = ctl(daemon.conf_path, "enter", "43", input="exit 0\n", env={"SHELL": "/bin/sh"})
+    assert r.returncode == 0 and "the job user's own directories" in r.stderr, r.stderr
+    r = ctl(daemon.conf_path, "enter", "--user", "43", "--", "sh", "-c", 'id -u; id -g; echo "$TMPDIR"; touch /tmp/f')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["65534", "65534", "/tmp"]
+    assert os.stat(f"{daemon.job_dir(43)}/tmp/f").st_uid == 65534
+    assert "own directories" not in r.stderr
+    r = ctl(daemon.conf_path, "enter", "--user", "43", "--", "cat", "/etc/shadow")
+    assert r.returncode != 0
 
 
 def test_enter_default_shell(daemon):
@@ -484,6 +501,22 @@ def test_doctor_without_slurm(daemon):
     assert q.returncode == 1
     assert q.stdout.splitlines() == [f"privtmpd: slurm.conf: {by['slurm.conf']['detail']} "
                                      f"(fix: {by['slurm.conf']['fix']})"]
+
+
+def test_doctor_checks_link_protection(daemon, tmp_path):
+    from privtmpd import doctor as doc
+    by, _ = checks(daemon.conf_path, slurm_conf="/dev/null")
+    on = all(open(f"/proc/sys/fs/protected_{k}").read().strip() != "0" for k in ("symlinks", "hardlinks"))
+    assert by["link protection"]["status"] == ("ok" if on else "warn")
+    (tmp_path / "protected_symlinks").write_text("0\n")
+    (tmp_path / "protected_hardlinks").write_text("1\n")
+    d = doc.Doctor(daemon.conf_path, "/dev/null")
+    d.sysctl_fs = str(tmp_path)
+    d.check_config()
+    d.check_link_protection()
+    r = d.results[-1]
+    assert r.status == doc.WARN and "fs.protected_symlinks = 0" in r.detail
+    assert "sysctl -w fs.protected_symlinks=1" in r.fix
 
 
 def test_doctor_reports_an_invalid_configuration():

@@ -105,7 +105,7 @@ def test_job_tmp_request_sizes_its_private_directories(stack):
 @pytest.mark.root
 @pytest.mark.parametrize("name", ["x MinTmpDiskNode=3G", "x MinTmpDiskNode=900000000000T",
                                   "MinTmpDiskNode=1 MinTmpDiskNode=2T"])
-def test_job_name_cannot_choose_the_size(stack, name):
+def test_job_name_cannot_choose_the_size(stack, name, figures):
     """The job's user writes the job name, which `scontrol -o show job`
     prints unescaped before the real MinTmpDiskNode= field: the size must
     come from the request alone, and no name may fail the Prolog."""
@@ -113,6 +113,7 @@ def test_job_name_cannot_choose_the_size(stack, name):
     assert 30 < got <= 40, got
     stack.cluster.wait_idle(timeout=60)
     stack.cluster.assert_not_drained()
+    figures(f"limit_from=tmp, --tmp=40M, job name {name!r}", image_mb=round(got, 1), node_drained=False)
 
 
 @pytest.mark.slurm

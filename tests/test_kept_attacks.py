@@ -40,7 +40,7 @@ def drop():
     subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
 
 
-def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_factory, drop):
+def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_factory, drop, figures):
     d = daemon_factory("keep_failed=3s keep_max=1g")
     assert d.create(7101, uid=ATTACKER, gid=ATTACKER)["ok"]
     kept = _kept_path(d, 7101)
@@ -67,6 +67,8 @@ def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_
     for p in left:
         assert os.lstat(p).st_uid == VICTIM, p
     assert "Permission denied" in d.log()
+    figures("another user's directory renamed into a kept directory, which then expires",
+            victim_files_left=len(left), attacker_files_left=0, canary_intact=True)
 
 
 def test_a_kept_directory_of_the_users_own_is_removed_whatever_its_modes(daemon_factory):
@@ -80,7 +82,7 @@ def test_a_kept_directory_of_the_users_own_is_removed_whatever_its_modes(daemon_
     assert not [n for n in os.listdir(d.base_parent) if ".7102." in n]
 
 
-def test_kept_names_cannot_be_guessed(daemon_factory):
+def test_kept_names_cannot_be_guessed(daemon_factory, figures):
     """Every name an earlier version would have used is taken by another
     user beforehand: the job is kept all the same."""
     d = daemon_factory("keep_failed=1h keep_max=1g")
@@ -90,6 +92,7 @@ def test_kept_names_cannot_be_guessed(daemon_factory):
         as_user(ATTACKER, "mkdir", f"{d.base_parent}/job.7103.0.kept.{until}.256")
     kept = _kept_path(d, 7103)
     assert os.stat(kept).st_uid == 0 and os.stat(f"{kept}/tmp").st_uid == VICTIM
+    figures("every kept name of the old scheme pre-created by another user", attempts=32, failures=0)
 
 
 def test_a_failure_to_keep_is_logged(tmp_path, monkeypatch):
@@ -129,7 +132,7 @@ def _measured(d, paths):
     return all(kept.get(p) is not None for p in paths if os.path.exists(p))
 
 
-def test_hard_links_count_once_and_evict_nobody(daemon_factory):
+def test_hard_links_count_once_and_evict_nobody(daemon_factory, figures):
     d = daemon_factory("keep_failed=1h keep_max=4m")
     victim = _fill(d, 7201, VICTIM, 2)
     time.sleep(1.1)                                 # distinct expiry: the victim's is the oldest
@@ -139,9 +142,11 @@ def test_hard_links_count_once_and_evict_nobody(daemon_factory):
     assert os.path.exists(victim), d.log()
     sizes = {k["path"]: k["bytes"] for k in d.request(op="list")["kept"]}
     assert sizes[attacker] < 2 << 20, sizes         # 1 MiB linked 100 times is 1 MiB
+    figures("1 MiB hard-linked 100 times in a kept directory, keep_max=4m", counted_bytes=sizes[attacker],
+            victim_evicted=False)
 
 
-def test_keep_max_evicts_the_biggest_users_own_first(daemon_factory):
+def test_keep_max_evicts_the_biggest_users_own_first(daemon_factory, figures):
     d = daemon_factory("keep_failed=1h keep_max=5m")
     victim = _fill(d, 7211, VICTIM, 1)
     time.sleep(1.1)
@@ -150,6 +155,8 @@ def test_keep_max_evicts_the_biggest_users_own_first(daemon_factory):
     second = _fill(d, 7213, ATTACKER, 2)           # 5 MiB + directories: over keep_max
     wait_for(lambda: not os.path.exists(first), timeout=20, what="eviction of the attacker's oldest")
     assert os.path.exists(victim) and os.path.exists(second), d.log()
+    figures("over keep_max: 1 MiB of one user's (oldest), 2 x 2 MiB of another's", evicted="the 2nd user's oldest",
+            victim_evicted=False)
 
 
 def test_measuring_a_huge_kept_directory_does_not_hold_up_prologs(daemon_factory, figures):

@@ -3,7 +3,8 @@
 
     PRIVTMPD_RELIABILITY_LOG=/tmp/rel.jsonl .venv/bin/python -m pytest \
         tests/test_races.py tests/test_faults.py tests/test_load.py \
-        tests/test_boundary.py tests/test_hostile_env.py
+        tests/test_boundary.py tests/test_hostile_env.py tests/test_epilog_kill.py \
+        tests/test_kept_attacks.py tests/test_e2e_limit_from.py
     tools/reliability_report.py /tmp/rel.jsonl > docs/reliability.md
 
 Each line of the log is one JSON object written by the `figures` fixture
@@ -21,6 +22,9 @@ SECTIONS = [
     ("test_load.py", "Load"),
     ("test_boundary.py", "Privilege boundary and real Slurm jobs"),
     ("test_hostile_env.py", "Hostile environment in the hooks"),
+    ("test_epilog_kill.py", "Processes that outlive their job (fork chains, cgroups)"),
+    ("test_kept_attacks.py", "keep_failed= against its own user"),
+    ("test_e2e_limit_from.py", "limit_from=tmp against the job's own text"),
 ]
 
 COUNT_KEYS = ("jobs", "cycles", "kill_points", "failure_points", "swaps", "attempts", "runs", "fds_checked")
@@ -62,8 +66,8 @@ def main(argv):
            "case that passed: a failing test records nothing.  Regenerate with:", "",
            "```sh",
            "PRIVTMPD_RELIABILITY_LOG=/tmp/rel.jsonl PRIVTMPD_REQUIRE_PRIVILEGED=1 .venv/bin/python -m pytest \\",
-           "    tests/test_races.py tests/test_faults.py tests/test_load.py tests/test_boundary.py \\",
-           "    tests/test_hostile_env.py",
+           *[f"    {' '.join(f'tests/{f}' for f, _ in SECTIONS[i:i + 3])}" + (" \\" if i + 3 < len(SECTIONS) else "")
+             for i in range(0, len(SECTIONS), 3)],
            "tools/reliability_report.py /tmp/rel.jsonl > docs/reliability.md",
            "```", ""]
     for fname, title in SECTIONS:
