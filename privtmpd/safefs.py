@@ -425,22 +425,15 @@ def _reclaim(dirfd, fix):
     return True
 
 
-def _unlink(dirfd, name, fix):
+def _in_dir(op, dirfd, name, fix):
+    """op(name, dir_fd=dirfd) (os.unlink, os.rmdir), once more after
+    _reclaim when the directory denied us."""
     try:
-        os.unlink(name, dir_fd=dirfd)
+        op(name, dir_fd=dirfd)
     except PermissionError:
         if not _reclaim(dirfd, fix):
             raise
-        os.unlink(name, dir_fd=dirfd)
-
-
-def _rmdir(dirfd, name, fix):
-    try:
-        os.rmdir(name, dir_fd=dirfd)
-    except PermissionError:
-        if not _reclaim(dirfd, fix):
-            raise
-        os.rmdir(name, dir_fd=dirfd)
+        op(name, dir_fd=dirfd)
 
 
 def _open_own_child_dir(dirfd, name, fix):
@@ -489,10 +482,10 @@ def _empty(top, stats, budget, sizes, fix=False):
                             nbytes = entry.stat(follow_symlinks=False).st_blocks * 512
                             if budget is not None:
                                 budget.charge(nbytes)
-                            _unlink(fd, nm, fix)
+                            _in_dir(os.unlink, fd, nm, fix)
                             stats.bytes += nbytes
                         else:
-                            _unlink(fd, nm, fix)
+                            _in_dir(os.unlink, fd, nm, fix)
                             stats.sized = False
                         stats.files += 1
                         continue
@@ -522,7 +515,7 @@ def _empty(top, stats, budget, sizes, fix=False):
                         stats.fail("openat2", nm, e.errno)
                     elif e.errno in (errno.ELOOP, errno.ENOTDIR):
                         try:
-                            _unlink(fd, nm, fix)
+                            _in_dir(os.unlink, fd, nm, fix)
                             stats.files += 1
                         except OSError as e2:
                             stats.fail("unlinkat", nm, e2.errno)
@@ -539,7 +532,7 @@ def _empty(top, stats, budget, sizes, fix=False):
             if stack:
                 os.close(fd)
                 try:
-                    _rmdir(stack[-1][0], nm, fix)
+                    _in_dir(os.rmdir, stack[-1][0], nm, fix)
                     stats.dirs += 1
                 except FileNotFoundError:
                     pass
