@@ -29,7 +29,7 @@ SECTIONS = [
 
 COUNT_KEYS = ("jobs", "cycles", "kill_points", "failure_points", "swaps", "attempts", "runs", "fds_checked")
 OUTCOME_KEYS = ("failures", "leaked", "leaked_mounts", "leaked_fds", "leaked_dirs", "leftovers", "allowed",
-                "canary_intact", "planted_code_ran", "node_drained", "error")
+                "canary_intact", "planted_code_ran", "node_drained", "chain_survived", "victim_evicted", "error")
 SKIP = {"test", "case", "time"} | set(COUNT_KEYS) | set(OUTCOME_KEYS)
 
 
