@@ -18,13 +18,17 @@ and from the shell::
     export SLURM_CONF=/var/lib/privtmpd-test/cluster/slurm.conf
     python3 tests/localcluster.py down
 
-Every Slurm daemon on the machine is assumed to belong to this harness: a
-start first kills any slurmctld, slurmd or slurmstepd left over from an
-interrupted run (with the job processes under its steps) and wipes the
-controller's saved state, so old jobs never come back.  A cluster that is
-still in use by another live process (a second test run on the same
-machine) is not a leftover: start() waits for its flock on LOCK_PATH.  The
-`up` command does not hold that lock once it returns.
+The machine may run a Slurm of its own: this harness never touches it.  Its
+munged has its own socket and key under ``workdir``, its daemons listen on
+ports of their own (PORTS), and a process is only ever stopped by PID when
+it is shown to be ours: a daemon from our pid file whose command line names
+our configuration, or a process that holds a file of ``workdir`` open
+(slurmstepd keeps our slurmd log open) and what runs under it.  Never by
+name.  A start first stops what an interrupted run of this same workdir
+left, and wipes the controller's saved state, so old jobs never come back.
+A cluster that is still in use by another live process (a second test run
+on the same machine) is not a leftover: start() waits for its flock on
+LOCK_PATH.  The `up` command does not hold that lock once it returns.
 
 Nothing here may live under /tmp, /var/tmp or /dev/shm: those are the
 directories privtmpd replaces inside jobs, and the job's working directory,
@@ -45,8 +49,9 @@ import time
 DEFAULT_WORKDIR = "/var/lib/privtmpd-test/cluster"
 TEST_USERS = ("privtmp1", "privtmp2")
 PRIVATIZED = ("/tmp", "/var/tmp", "/dev/shm")
-MUNGE_KEY = "/etc/munge/munge.key"
-MUNGE_RUNDIR = "/run/munge"
+# SlurmctldPort, SlurmdPort: not Slurm's 6817/6818, so a Slurm of the
+# machine's own keeps its ports and never hears from this cluster.
+PORTS = (16817, 16818)
 # One cluster per machine (fixed ports, one node name): whoever holds this
 # lock owns the Slurm daemons.  A crashed holder releases it with its last
 # fd, so its daemons become leftovers that the next start() kills.
@@ -87,10 +92,29 @@ def _proc_name(pid):
     return data[data.index("(") + 1:data.rindex(")")]
 
 
-def _pids_named(names):
-    """PIDs of live processes whose command name is one of names."""
-    return [pid for pid, (name, _) in _process_table().items()
-            if name in names and pid != os.getpid()]
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _pids_using(prefix):
+    """PIDs of live processes with their cwd or an open file under prefix."""
+    top = prefix.rstrip("/") + "/"
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid() or not _proc_name(entry):
+            continue
+        try:
+            links = [os.readlink(f"/proc/{entry}/cwd")]
+            links += [os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")]
+        except OSError:
+            continue
+        if any(link.startswith(top) for link in links):
+            out.append(int(entry))
+    return out
 
 
 def _process_table():
@@ -303,6 +327,9 @@ class LocalCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
+            f"SlurmctldPort={PORTS[0]}",
+            f"SlurmdPort={PORTS[1]}",
             "MpiDefault=none",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
@@ -405,74 +432,92 @@ class LocalCluster:
             os.chmod(d, 0o700)
 
     # ----------------------------------------------------------------- munge
+    @property
+    def munge_dir(self):
+        return os.path.join(self.rundir, "munge")
+
+    @property
+    def munge_socket(self):
+        return os.path.join(self.munge_dir, "munge.socket")
+
     def _munge_works(self):
         try:
-            cred = subprocess.run([_which("munge"), "-n"], capture_output=True,
+            cred = subprocess.run([_which("munge"), "-n", "-S", self.munge_socket], capture_output=True,
                                   timeout=5)
             if cred.returncode:
                 return False
-            r = subprocess.run([_which("unmunge")], input=cred.stdout,
+            r = subprocess.run([_which("unmunge"), "-S", self.munge_socket], input=cred.stdout,
                                capture_output=True, timeout=5)
             return r.returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             return False
 
     def _start_munged(self):
-        running = _pids_named(("munged",))
-        if running:
-            if not self._munge_works():
-                raise ClusterError("munged is running but munge -n | unmunge "
-                                   "fails; check /var/log/munge/munged.log")
-            # If our pid file names it, an earlier run of ours started it
-            # and was interrupted: keep the file, so stop() does not leak
-            # it.  Otherwise it is not ours to stop.
-            if self._read_pidfile("munged") not in running:
-                self._unlink(self.pidfile("munged"))
+        """A munged of our own: its socket, key, seed, pid and log files
+        are under workdir; the machine's munged (if any) is never used."""
+        if self._daemon_pid("munged") and self._munge_works():
             return
+        self._stop_pidfile_daemon("munged")
         pw = pwd.getpwnam("munge")
-        if not os.path.exists(MUNGE_KEY):
-            subprocess.run([_which("mungekey"), "--create", "--keyfile",
-                            MUNGE_KEY], check=True, capture_output=True)
-        os.chown(MUNGE_KEY, pw.pw_uid, pw.pw_gid)
-        os.chmod(MUNGE_KEY, 0o600)
-        for d, mode in ((MUNGE_RUNDIR, 0o755), ("/var/lib/munge", 0o711),
-                        ("/var/log/munge", 0o700)):
-            os.makedirs(d, exist_ok=True)
-            os.chown(d, pw.pw_uid, pw.pw_gid)
-            os.chmod(d, mode)
+        d = self.munge_dir
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        os.chmod(d, 0o755)          # job users' srun talks to the socket
+        key = os.path.join(d, "munge.key")
+        if not os.path.exists(key):
+            subprocess.run([_which("mungekey"), "--create", "--keyfile", key], check=True, capture_output=True)
+        os.chown(key, pw.pw_uid, pw.pw_gid)
+        os.chmod(key, 0o600)
+        pidfile = os.path.join(d, "munged.pid")
+        self._unlink(pidfile)
         # --force: take over a socket left by a munged that was killed.
-        r = subprocess.run([_which("runuser"), "-u", "munge", "--",
-                            _which("munged"), "--force"],
+        r = subprocess.run([_which("runuser"), "-u", "munge", "--", _which("munged"), "--force",
+                            f"--socket={self.munge_socket}", f"--key-file={key}", f"--pid-file={pidfile}",
+                            f"--seed-file={os.path.join(d, 'munged.seed')}",
+                            f"--log-file={os.path.join(d, 'munged.log')}"],
                            capture_output=True, text=True, timeout=30)
         if r.returncode:
             raise ClusterError(f"munged failed to start: {r.stderr.strip()}")
         deadline = time.monotonic() + 10
         while not self._munge_works():
             if time.monotonic() > deadline:
-                raise ClusterError("munged started but does not answer")
+                raise ClusterError(f"munged started but does not answer on {self.munge_socket}")
             time.sleep(0.05)
-        pids = _pids_named(("munged",))
-        if pids:
-            with open(self.pidfile("munged"), "w") as f:
-                f.write(f"{pids[0]}\n")
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            raise ClusterError(f"munged wrote no pid file {pidfile}") from None
+        with open(self.pidfile("munged"), "w") as f:
+            f.write(f"{pid}\n")
 
     # ------------------------------------------------------------- lifecycle
-    @staticmethod
-    def kill_stale_daemons():
-        """Kill every slurmctld/slurmd/slurmstepd: on a test machine they can
-        only be leftovers of an interrupted run, and they hold the ports.
+    def _marker(self, name):
+        """What the command line of our daemon `name` must contain."""
+        return (self.munge_socket if name == "munged" else self.conf).encode()
 
-        Job processes die with their steps: proctrack/linuxproc finds them
+    def _stop_pidfile_daemon(self, name, timeout=10):
+        pid = self._daemon_pid(name)
+        if pid:
+            _kill_and_wait([pid], timeout=timeout)
+
+    def _stop_steps(self):
+        """Step daemons of this cluster (they hold our slurmd log open) and
+        the job processes under them: proctrack/linuxproc finds tasks
         through their parent, so once a step daemon is gone its tasks
-        would be orphans nobody tracks.
-        """
-        stepds = _pids_named(("slurmstepd",))
-        _kill_and_wait(stepds + _descendants(stepds), timeout=2,
-                       sig=signal.SIGKILL)
-        _kill_and_wait(_pids_named(("slurmd", "slurmctld")), timeout=10)
+        would be orphans nobody tracks."""
+        stepds = [p for p in _pids_using(self.workdir) if _proc_name(p) == "slurmstepd"]
+        _kill_and_wait(stepds + _descendants(stepds), timeout=2, sig=signal.SIGKILL)
+
+    def kill_leftovers(self):
+        """Stop what an interrupted run of this workdir left running: only
+        processes shown to be ours (see the module docstring)."""
+        self._stop_steps()
+        for name in ("slurmd", "slurmctld"):
+            self._stop_pidfile_daemon(name)
 
     def start(self, timeout=30, lock_timeout=600):
-        """Start the cluster (after killing any leftover Slurm daemons).
+        """Start the cluster (after stopping what an interrupted run left).
 
         Waits up to lock_timeout seconds while another process on this
         machine runs a test cluster, instead of killing it."""
@@ -480,7 +525,7 @@ class LocalCluster:
             raise ClusterError("cluster already started")
         _acquire_machine_lock(self, lock_timeout)
         ensure_hosts_entry(self.host)
-        self.kill_stale_daemons()
+        self.kill_leftovers()
         self.write_config()
         for name in ("slurmctld", "slurmd"):
             self._unlink(self.pidfile(name))
@@ -543,39 +588,32 @@ class LocalCluster:
     def stop_daemons(self):
         procs = self._procs
         self._procs = {}
-        pids = {name: p.pid for name, p in procs.items()}
-        for name in ("slurmd", "slurmctld"):
-            pids.setdefault(name, self._read_pidfile(name))
-        ours = False
         # slurmd first, so it does not try to re-register.
         for name in ("slurmd", "slurmctld"):
-            pid = pids.get(name)
-            if pid and _proc_name(pid) == name:
-                ours = True
-                _kill_and_wait([pid], timeout=10)
+            if name in procs and procs[name].poll() is None and _proc_name(procs[name].pid) == name:
+                _kill_and_wait([procs[name].pid], timeout=10)
+            self._stop_pidfile_daemon(name)
             if name in procs:
-                ours = True
                 try:
                     procs[name].wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
-        if ours:
-            # Steps of jobs still running (and their tasks) were ours too.
-            stepds = _pids_named(("slurmstepd",))
-            _kill_and_wait(stepds + _descendants(stepds), timeout=2,
-                           sig=signal.SIGKILL)
-        pid = self._read_pidfile("munged")
-        if pid and _proc_name(pid) == "munged":
-            _kill_and_wait([pid], timeout=10)
+        # Steps of jobs still running (and their tasks) were ours too.
+        self._stop_steps()
+        self._stop_pidfile_daemon("munged")
         for name in ("slurmctld", "slurmd", "munged"):
             self._unlink(self.pidfile(name))
         _release_machine_lock(self)
 
     def _daemon_pid(self, name):
-        """PID of our running daemon `name`, from Popen or the pid file."""
+        """PID of our running daemon `name`, from Popen or the pid file, if
+        that process is `name` and its command line names our config (or
+        munge socket): a pid file outlives its process, and PIDs are reused."""
         proc = self._procs.get(name)
         pid = proc.pid if proc else self._read_pidfile(name)
-        return pid if pid and _proc_name(pid) == name else None
+        if pid and _proc_name(pid) == name and any(self._marker(name) in arg for arg in _cmdline(pid)):
+            return pid
+        return None
 
     def _read_pidfile(self, name):
         try:
