@@ -10,6 +10,7 @@ when the errno has a well-known cause.  Nothing here decides policy: callers
 import ctypes
 import errno
 import fcntl
+import sys
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -34,6 +35,7 @@ UMOUNT_NOFOLLOW = 0x8
 
 # <linux/nsfs.h>: _IO(0xb7, 0x3)
 NS_GET_NSTYPE = 0xB703
+NS_GET_OWNER_UID = 0xB704
 
 # <linux/openat2.h>
 RESOLVE_NO_XDEV = 0x01
@@ -174,3 +176,10 @@ def ns_type(fd):
         if e.errno in (errno.ENOTTY, errno.EINVAL):
             return None
         raise
+
+
+def ns_owner_uid(fd):
+    """NS_GET_OWNER_UID on a user namespace's nsfs file: the uid that created
+    it, as this process's user namespace sees it."""
+    buf = fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4)
+    return int.from_bytes(buf, sys.byteorder)

@@ -20,7 +20,7 @@ import os
 import signal
 import time
 
-from . import cgroup
+from . import cgroup, kernel
 
 # Probing a range of new PIDs is only worth it while it is short; beyond
 # that, a full scan of /proc is cheaper.
@@ -99,39 +99,91 @@ class _Matcher:
 
     ns_id: (dev, ino) of the job's namespace.  holding: paths of the job's
     directories.  A job's user can create a user namespace and in it a mount
-    namespace of their own (unshare -Urm): its processes carry copies of the
-    job's mounts but are not in ns_id.  With holding, processes of any other
-    namespace (except ours) that has one of the job's directories mounted
-    are included; where those are mounted from (mount_roots) is only worked
-    out when such a process turns up: it reads the host's mountinfo, one
-    line per live job."""
+    namespace of their own (unshare -Urm, rootless podman): its processes
+    carry copies of the job's mounts but are not in ns_id.  With holding,
+    processes of any other namespace (except ours) that has one of the
+    job's directories mounted are included, when the process is the job
+    user's or its user namespace is (a container's processes run under
+    subordinate uids).  Where those directories are mounted from
+    (mount_roots) is only worked out when such a process turns up: it reads
+    the host's mountinfo, one line per live job.
+
+    Verdicts are kept per namespace, and each judged namespace is held open
+    (close() releases them): a namespace inode number is reused as soon as
+    it is freed, and a new namespace must not inherit an old verdict."""
 
     def __init__(self, ns_id, holding=(), uid=None):
         self.holding, self.uid = holding, uid
         self.roots = None
+        self.held = []
         self.valid = ns_id[0] == os.stat("/proc/self/ns/mnt").st_dev
         # Namespaces are told apart by readlink of /proc/PID/ns/mnt
         # ("mnt:[INODE]"): half the cost of a stat, which follows the magic
         # link into nsfs.  Every mount namespace is an inode of the one
-        # nsfs device, so the inode identifies it (while it is pinned or
-        # held: inode numbers are reused once it is freed).
+        # nsfs device, so the inode identifies it while it is alive; the
+        # job's is held by its pin, ours by us.
         self.verdict = {f"mnt:[{ns_id[1]}]": True, os.readlink("/proc/self/ns/mnt"): False}
 
-    def __call__(self, pid):
+    def _ident(self, pid):
         try:
-            ident = os.readlink(f"/proc/{pid}/ns/mnt")
+            return os.readlink(f"/proc/{pid}/ns/mnt")
         except OSError:
+            pass
+        # The thread group leader may have ended (the raw exit syscall)
+        # while other threads live on: its /proc entry is a zombie's, and
+        # only /proc/PID/task lists the living threads.
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return None
+        for tid in tids:
+            try:
+                return os.readlink(f"/proc/{pid}/task/{tid}/ns/mnt")
+            except OSError:
+                continue
+        return None
+
+    def _users(self, pid):
+        """The job user's process, or one in a user namespace the job user
+        made (directly or nested)."""
+        if self.uid is None or _proc_uid(pid) == self.uid:
+            return True
+        try:
+            fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            return kernel.ns_owner_uid(fd) == self.uid
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def __call__(self, pid):
+        ident = self._ident(pid)
+        if ident is None:
             return False        # gone, or a zombie (which holds no namespace)
         if ident not in self.verdict:
             # Only the job's user can have made a namespace from the job's
             # (unless root did): reading every foreign namespace's mountinfo
             # would let any user slow every Epilog with many mounts.
-            if not self.holding or (self.uid is not None and _proc_uid(pid) != self.uid):
+            if not self.holding or not self._users(pid):
                 return False
+            try:
+                self.held.append(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return False
+            if os.readlink(f"/proc/self/fd/{self.held[-1]}") != ident:
+                return False    # the process changed namespace meanwhile: judged next time
             if self.roots is None:
                 self.roots = mount_roots(self.holding)
             self.verdict[ident] = bool(self.roots) and _mounts_any_of(pid, self.roots)
         return self.verdict[ident]
+
+    def close(self):
+        for fd in self.held:
+            os.close(fd)
+        self.held = []
 
 
 def processes_in(ns_id, holding=(), uid=None):
@@ -139,9 +191,12 @@ def processes_in(ns_id, holding=(), uid=None):
     namespace of the job's user that mounts one of the job's directories.
     A snapshot, good for display; kill_processes_in is what proves none."""
     match = _Matcher(ns_id, holding, uid)
-    if not match.valid:
-        return []               # not a namespace: no process can be in it
-    return [int(n) for n in os.listdir("/proc") if n.isdigit() and match(n)]
+    try:
+        if not match.valid:
+            return []           # not a namespace: no process can be in it
+        return [int(n) for n in os.listdir("/proc") if n.isdigit() and match(n)]
+    finally:
+        match.close()
 
 
 def _proc_uid(pid):
@@ -180,63 +235,107 @@ class StillRunning(Exception):
                          f"or a fork chain faster than the kill; retry the Epilog later")
 
 
+def _pidfd(pid):
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (AttributeError, OSError):
+        return -1               # no pidfd_open (Linux < 5.3): os.kill, as before
+
+
 def kill_processes_in(ns_id, timeout, holding=(), uid=None, job=None, on_cgroup=None):
     """SIGKILL every process of the job's namespace (see _Matcher) until
     there is evidence that none is left (module docstring).  Slurm has had
     its chance to end them; what remains escaped its process tracking.
+
+    The evidence: an empty scan of /proc, then the PIDs handed out since,
+    probed newest first (the newest is the live link of a fork chain),
+    until the PID cursor stands still; on a node whose cursor never stands
+    still (other jobs forking all the time), QUIET_ROUNDS such rounds over
+    at least QUIET_SECONDS with nothing of the job's found.
 
     job: with it, a process found in a root-owned cgroup of Slurm's for
     this job (.../job_<job>/...) has its whole cgroup killed at once
     (cgroup.kill, or freeze + kill + thaw on cgroup v1): nothing in it can
     fork meanwhile.  on_cgroup(path, count) is told about each.
 
-    Returns the PIDs killed; raises StillRunning past the deadline."""
+    A process is signalled through a pidfd opened before it is judged
+    again, so a PID reused meanwhile is never hit.  Returns the PIDs
+    killed; raises StillRunning when processes of the job are still found
+    after `timeout` seconds."""
     match = _Matcher(ns_id, holding, uid)
-    if not match.valid:
-        return []
+    try:
+        if not match.valid:
+            return []
+        return _kill_loop(match, timeout, job, on_cgroup)
+    finally:
+        match.close()
+
+
+QUIET_ROUNDS = 20
+QUIET_SECONDS = 0.05
+
+
+def _kill_loop(match, timeout, job, on_cgroup):
     me = os.getpid()
-    killed, cgroups_done = [], set()
-    seen = set()
+    killed, seen, cgroups_done = [], set(), set()
     deadline = time.monotonic() + timeout
     pid_max = _pid_max()
-    found = []
 
     def hit(pids):
+        if time.monotonic() > deadline:
+            raise StillRunning(pids, seen)
         for pid in pids:
-            if job is not None:
-                cg = cgroup.job_cgroup_of(pid, job)
-                if cg and cg not in cgroups_done:
-                    cgroups_done.add(cg)
-                    n = cgroup.kill_cgroup(cg)
-                    if on_cgroup:
-                        on_cgroup(cg, n)
+            fd = _pidfd(pid)
+            if fd is None:
+                continue        # gone
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass            # gone already (its cgroup's kill, or its own exit): found all the same
+                if fd >= 0 and not match(pid):
+                    continue    # not the process judged a moment ago (gone, PID reused)
+                if job is not None:
+                    cg = cgroup.job_cgroup_of(pid, job)
+                    if cg and cg not in cgroups_done:
+                        cgroups_done.add(cg)
+                        n = cgroup.kill_cgroup(cg)
+                        if on_cgroup:
+                            on_cgroup(cg, n)
+                try:
+                    if fd >= 0:
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    else:
+                        os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass        # gone already (its cgroup's kill, or its own exit): found all the same
+            finally:
+                if fd >= 0:
+                    os.close(fd)
             if pid not in seen:
                 seen.add(pid)
                 killed.append(pid)
+        time.sleep(0.001 if len(seen) < 64 else 0.01)
 
+    quiet, quiet_since = 0, time.monotonic()
     while True:
-        if time.monotonic() > deadline:
-            raise StillRunning(found, seen)
         cursor = last_pid()
         found = [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != me and match(n)]
         if found:
             hit(found)
-            time.sleep(0.001 if len(seen) < 64 else 0.01)
+            quiet, quiet_since = 0, time.monotonic()
             continue
-        # Nothing listed: now every PID handed out since the listing began,
-        # until the cursor stands still.
-        while not found and time.monotonic() <= deadline:
+        while True:
+            quiet += 1
+            if quiet >= QUIET_ROUNDS and time.monotonic() - quiet_since >= QUIET_SECONDS:
+                return killed
             now = last_pid()
             if now == cursor:
                 return killed
             fresh = _new_pids(cursor, now, pid_max)
+            cursor = now
             if len(fresh) > PROBE_MAX:
                 break           # a full scan again
-            found = [p for p in fresh if p != me and match(p)]
-            cursor = now
-        if found:
-            hit(found)
+            found = [p for p in reversed(fresh) if p != me and match(p)]
+            if found:
+                hit(found)
+                quiet, quiet_since = 0, time.monotonic()
+                break

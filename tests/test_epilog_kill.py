@@ -30,16 +30,49 @@ int main(void) {
 """
 
 
+# A process whose main thread ends with the raw exit system call while a
+# second thread lives on: /proc/PID/ns/mnt of the (zombie) leader cannot
+# be read, and the living thread is not listed in /proc.
+HIDDEN_SRC = r"""
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void *run(void *arg) { for (;;) pause(); return arg; }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, run, 0);
+    syscall(SYS_exit, 0);
+}
+"""
+# Many short-lived processes outside the job: the PID cursor of the node
+# never stands still.
+CHURN_SRC = r"""
+#include <sys/wait.h>
+#include <unistd.h>
+int main(void) {
+    for (;;) {
+        pid_t p = fork();
+        if (p == 0) _exit(0);
+        if (p > 0) waitpid(p, 0, 0);
+    }
+}
+"""
+
+
+def _build(name, src, *flags):
+    os.makedirs(CHAIN_DIR, exist_ok=True)
+    os.chmod(CHAIN_DIR, 0o755)
+    path, exe = f"{CHAIN_DIR}/{name}.c", f"{CHAIN_DIR}/privtmpd-{name}"
+    with open(path, "w") as f:
+        f.write(src)
+    subprocess.run(["gcc", "-O2", "-o", exe, path, *flags], check=True)
+    os.chmod(exe, 0o755)
+    return exe
+
+
 @pytest.fixture(scope="module")
 def chain_exe():
-    os.makedirs(CHAIN_DIR, exist_ok=True)
-    src, exe = f"{CHAIN_DIR}/forkchain.c", f"{CHAIN_DIR}/privtmpd-forkchain"
-    with open(src, "w") as f:
-        f.write(CHAIN_SRC)
-    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
-    os.chmod(exe, 0o755)
-    os.chmod(CHAIN_DIR, 0o755)
-    return exe
+    return _build("forkchain", CHAIN_SRC)
 
 
 # The chain runs as a uid of its own that nothing else on the machine uses
@@ -67,6 +100,7 @@ while True:
 
 
 def _start_chain(daemon, job, exe, cgroup_procs=None):
+    """exe in the job's namespace as CHAIN_UID, under a subreaper."""
     enter = f"echo $$ > {cgroup_procs}; " if cgroup_procs else ""
     reaper = subprocess.Popen(["/usr/bin/python3", "-c", REAPER, "sh", "-c",
                                f"{enter}exec nsenter --mount={daemon.pin(job)} -- setpriv --reuid={CHAIN_UID} "
@@ -108,6 +142,43 @@ def test_epilog_outlasts_a_fork_chain(daemon, chain_exe, figures):
         assert "op=destroy result=killed" in daemon.log()
     finally:
         _stop_chain(reaper)
+
+
+def test_epilog_finds_a_process_hidden_behind_its_exited_leader(daemon, figures):
+    exe = _build("hidden", HIDDEN_SRC, "-pthread")
+    job = 4103
+    assert daemon.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
+    reaper = None
+    try:
+        reaper = _start_chain(daemon, job, exe)
+        r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
+        assert r.returncode == 0, r.stderr
+        lives = _chain_lives(reaper, 2.0)
+        figures("a thread living on behind its exited thread-group leader", chain_survived=lives)
+        assert not lives, "the thread lived on after the Epilog said ok"
+    finally:
+        _stop_chain(reaper)
+
+
+def test_epilog_succeeds_while_the_node_forks_all_the_time(daemon_factory, figures):
+    """Other processes fork without pause (the PID cursor never stands
+    still), and kill_timeout=0: the Epilog still says ok, and soon."""
+    exe = _build("churn", CHURN_SRC)
+    d = daemon_factory("kill_timeout=0")
+    churn = [subprocess.Popen(["setpriv", "--reuid=4085124", "--regid=4085124", "--clear-groups", exe])
+             for _ in range(2)]
+    try:
+        for job in (4104, 4105, 4106):
+            assert d.create(job)["ok"]
+            t0 = time.monotonic()
+            r = run_hook(d, "epilog", job)
+            assert r.returncode == 0, r.stderr
+            figures("Epilog while two processes outside the job fork without pause, kill_timeout=0",
+                    epilog_ms=round((time.monotonic() - t0) * 1000, 1), failures=0)
+    finally:
+        for p in churn:
+            p.kill()
+            p.wait()
 
 
 def _mk_cgroup(top, job):
