@@ -316,9 +316,17 @@ def cmd_enter(cfg, args):
     cmd = args.command or [os.environ.get("SHELL") or "/bin/sh"]
     private = None
     if ident:
-        _become(*ident)
         if cfg.tmpdir_value != "none":
             os.environ["TMPDIR"] = cfg.tmpdir_value
+        if os.isatty(0):
+            # Not on the admin's terminal: a process of the user's there
+            # could push keystrokes into it (TIOCSTI) for the root shell
+            # that reads it next, as su without --pty allowed.
+            code = _on_own_terminal(cmd, lambda: _become(*ident))
+            if code:
+                raise CtlError("", code)
+            return
+        _become(*ident)
     else:
         import tempfile
         private = tempfile.mkdtemp(prefix=f"privtmpctl-enter.{job}.", dir="/run")
@@ -342,6 +350,53 @@ def cmd_enter(cfg, args):
     code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
     if code:
         raise CtlError("", code)        # the command's status, and it said why itself
+
+
+def _on_own_terminal(cmd, become):
+    """Run cmd in a new session on a new pseudo-terminal, relayed to ours
+    (raw), and return its exit status."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    import tty
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            become()
+        except OSError as e:
+            print(f"privtmpctl: cannot become the job's user: {e.strerror}", file=sys.stderr)
+            os._exit(1)
+        _exec(cmd)
+    try:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        pass
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    inputs = [master, 0]
+    try:
+        while True:
+            ready, _, _ = select.select(inputs, [], [])
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:         # EIO: the other side is closed
+                    data = b""
+                if not data:
+                    break
+                os.write(1, data)
+            if 0 in ready:
+                data = os.read(0, 65536)
+                if data:
+                    os.write(master, data)
+                else:
+                    inputs.remove(0)
+    finally:
+        termios.tcsetattr(0, termios.TCSAFLUSH, saved)
+        os.close(master)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
 def _become(uid, gid, user):

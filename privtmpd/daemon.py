@@ -225,7 +225,7 @@ class Daemon:
 
     def queue_removal(self, parent, name):
         if self.req_user is not None:
-            self.removal_user[(parent, name)] = self.req_user     # for its log line, without a lookup
+            self.removal_user.setdefault((parent, name), self.req_user)     # for its log line, without a lookup
         if (parent, name) not in self.removals and all(
                 (p, n) != (parent, name) for p, n, _, _ in self.workers.values()) and all(
                 (p, n) != (parent, name) for _, p, n in self.deferred):
@@ -674,7 +674,8 @@ class Daemon:
                 try:
                     if not safefs.is_ours(pfd, k["name"]):
                         continue
-                    self.kept_walk = (k, safefs.UsageWalk(pfd, k["name"], KEPT_MEASURE_MAX))
+                    self.kept_walk = (k, safefs.UsageWalk(pfd, k["name"], KEPT_MEASURE_MAX,
+                                                          mounts_at_top=(namespace.LIMITED_FS,)))
                 except OSError:
                     continue            # gone meanwhile
                 finally:
@@ -683,15 +684,17 @@ class Daemon:
             try:
                 done = walk.step(deadline, self._request_waiting)
             except OSError:
-                done, walk.complete = True, True
+                # Unknown, not small: measured again at the next check.
+                self._stop_kept_walk()
+                continue
             if not done:
                 return
             self.kept_walk = None
             if not walk.complete:
-                # A kept tree too big to measure is too big to keep.
+                # A kept tree that cannot be measured whole cannot be kept.
                 pfd = safefs.open_dir(self.cfg.base_parent)
                 try:
-                    self._drop_kept(pfd, k, f"more than {KEPT_MEASURE_MAX} entries")
+                    self._drop_kept(pfd, k, f"cannot be measured: {walk.why}")
                 finally:
                     os.close(pfd)
                 continue
@@ -700,7 +703,8 @@ class Daemon:
     def _enforce_keep_max(self):
         """Over keep_max, evict the oldest kept directory of the user whose
         kept directories use the most, until all of them fit: a user who
-        fills the space loses their own first, never another user's."""
+        fills the space loses their own first; another user's go only when
+        that user uses as much or more."""
         kept = namespace.kept_dirs(self.cfg)
         sizes = {k["name"]: self.kept_sizes.get(k["name"], (0,))[0] for k in kept}
         total = sum(sizes.values())
@@ -726,6 +730,7 @@ class Daemon:
     def _drop_kept(self, pfd, k, why):
         tname = namespace.trash_if_ours(pfd, self.cfg, k["name"], k["job"], k["restart"], kept=True)
         if tname:
+            self.removal_user[(self.cfg.base_parent, tname)] = k["uid"]     # not the last request's user
             log.info(event("kept", "removed", k["job"], k["uid"], dir=k["path"], reason=why))
             self.queue_removal(self.cfg.base_parent, tname)
 
@@ -739,10 +744,8 @@ class Daemon:
             with os.scandir(pfd) as it:
                 for e in it:
                     jr = match.job_dir(e.name)
-                    if jr and jr[0] == job:
-                        st = e.stat(follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
-                            out.append(e.name)
+                    if jr and jr[0] == job and safefs.is_ours(pfd, e.name):
+                        out.append(e.name)
         finally:
             os.close(pfd)
         return sorted(out)
@@ -1018,7 +1021,7 @@ def _owner_of(pfd, name, lookup=True):
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             with os.scandir(fd) as it:
-                uid = next((e.stat(follow_symlinks=False).st_uid for e in it), None)
+                uid = next((safefs.lstat_at(fd, e.name).st_uid for e in it), None)
         finally:
             os.close(fd)
     except OSError:

@@ -137,11 +137,15 @@ def setns(fd, nstype, path=""):
 PR_SET_PDEATHSIG = 1
 
 
+def prctl(option, arg):
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+           "prctl")
+
+
 def set_pdeathsig(sig):
     """prctl(PR_SET_PDEATHSIG): the kernel sends sig to the caller when its
     parent dies."""
-    _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0)), "prctl")
+    prctl(PR_SET_PDEATHSIG, sig)
 
 
 def fallocate(fd, offset, length, path=""):
@@ -165,6 +169,64 @@ def openat2(dirfd, name, flags, resolve, mode=0):
     fd = _libc.syscall(ctypes.c_long(_SYS_openat2), ctypes.c_int(dirfd), ctypes.c_char_p(_b(name)),
                        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
     return _check(fd, "openat2", name)
+
+
+class _StatxTimestamp(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_uint32), ("_reserved", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [("mask", ctypes.c_uint32), ("blksize", ctypes.c_uint32), ("attributes", ctypes.c_uint64),
+                ("nlink", ctypes.c_uint32), ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32),
+                ("mode", ctypes.c_uint16), ("_spare0", ctypes.c_uint16), ("ino", ctypes.c_uint64),
+                ("size", ctypes.c_uint64), ("blocks", ctypes.c_uint64), ("attributes_mask", ctypes.c_uint64),
+                ("atime", _StatxTimestamp), ("btime", _StatxTimestamp), ("ctime", _StatxTimestamp),
+                ("mtime", _StatxTimestamp), ("rdev_major", ctypes.c_uint32), ("rdev_minor", ctypes.c_uint32),
+                ("dev_major", ctypes.c_uint32), ("dev_minor", ctypes.c_uint32), ("mnt_id", ctypes.c_uint64),
+                ("_spare", ctypes.c_uint64 * 13)]
+
+
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_NO_AUTOMOUNT = 0x800
+AT_STATX_DONT_SYNC = 0x4000
+STATX_BASIC_STATS = 0x7FF
+STATX_ATTR_MOUNT_ROOT = 0x2000
+
+
+class Stat:
+    """The fields of statx(2) that privtmpd uses, named as os.stat_result's."""
+    __slots__ = ("st_mode", "st_uid", "st_gid", "st_ino", "st_dev", "st_nlink", "st_blocks", "st_size",
+                 "mount_root")
+
+    def __init__(self, sx):
+        self.st_mode, self.st_uid, self.st_gid, self.st_ino = sx.mode, sx.uid, sx.gid, sx.ino
+        self.st_dev = os.makedev(sx.dev_major, sx.dev_minor)
+        self.st_nlink, self.st_blocks, self.st_size = sx.nlink, sx.blocks, sx.size
+        self.mount_root = bool(sx.attributes & sx.attributes_mask & STATX_ATTR_MOUNT_ROOT)
+
+
+_SYS_statx = {"x86_64": 332, "aarch64": 291, "ppc64le": 383, "s390x": 379}.get(os.uname().machine, 332)
+_statx = getattr(_libc, "statx", None)
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+
+
+def statx_nofollow(dirfd, name):
+    """statx(2) of dirfd/name without following a symlink, without
+    triggering an automount, and without asking a network or FUSE
+    filesystem for fresh attributes (AT_STATX_DONT_SYNC): the cached ones
+    come back at once, so a user's FUSE mount point, which a plain lstat
+    enters and asks, cannot hang the caller.  mount_root tells that the
+    name is a mount point (Linux 5.8; False before)."""
+    sx = _Statx()
+    flags = AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC
+    if _statx is not None:
+        ret = _statx(dirfd, _b(name), flags, STATX_BASIC_STATS, ctypes.byref(sx))
+    else:               # glibc < 2.28
+        ret = _libc.syscall(ctypes.c_long(_SYS_statx), ctypes.c_int(dirfd), ctypes.c_char_p(_b(name)),
+                            ctypes.c_int(flags), ctypes.c_uint(STATX_BASIC_STATS), ctypes.byref(sx))
+    _check(ret, "statx", name)
+    return Stat(sx)
 
 
 def ns_type(fd):

@@ -588,11 +588,15 @@ def _owner_uid(pfd, name):
         return None
     try:
         with os.scandir(fd) as it:
-            uids = [e.stat(follow_symlinks=False).st_uid for e in it if e.name != LIMITED_FS + ".img"
+            uids = [safefs.lstat_at(fd, e.name).st_uid for e in it if e.name != LIMITED_FS + ".img"
                     and e.name != LIMITED_FS]
-        if not uids:        # limit=: the job's directories are in the filesystem at fs/
-            with os.scandir(f"/proc/self/fd/{fd}/{LIMITED_FS}") as it:
-                uids = [e.stat(follow_symlinks=False).st_uid for e in it if e.name != "lost+found"]
+        if not uids:        # limit=: the job's directories are in the filesystem at fs/ (ours)
+            sfd = os.open(LIMITED_FS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                with os.scandir(sfd) as it:
+                    uids = [safefs.lstat_at(sfd, e.name).st_uid for e in it if e.name != "lost+found"]
+            finally:
+                os.close(sfd)
         return uids[0] if uids else None
     except OSError:
         return None

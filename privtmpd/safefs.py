@@ -128,7 +128,7 @@ def _remove_if_ours(parent_fd, tmp, ours):
     # whatever a user had put at the job path; if noting it failed, that is
     # the user's, and root never deletes what a user made.
     try:
-        st = os.stat(tmp, dir_fd=parent_fd, follow_symlinks=False)
+        st = lstat_at(parent_fd, tmp)
     except FileNotFoundError:
         return
     if ours is None or (st.st_dev, st.st_ino) == ours:
@@ -168,6 +168,15 @@ def _place(parent_fd, tmp, name, result):
             kernel.renameat2(parent_fd, tmp, parent_fd, name, kernel.RENAME_EXCHANGE)
         except KernelError as e:
             if e.errno == errno.ENOENT:       # it vanished meanwhile: try again
+                continue
+            if e.errno == errno.EBUSY:
+                # A mount point cannot be renamed: a user mounted something
+                # (FUSE, on a directory of theirs) at the job's path to fail
+                # the Prolog and drain the node.  The path is the job's:
+                # detach that mount (the user's filesystem is not touched,
+                # only unhooked from this path) and try again.
+                kernel.umount2(f"/proc/self/fd/{parent_fd}/{name}", kernel.MNT_DETACH | kernel.UMOUNT_NOFOLLOW)
+                result.displaced = f"a mount at the job path, detached; {result.displaced}".rstrip("; ")
                 continue
             raise
         # Our directory is at <name>; whatever was there is now at tmp.
@@ -210,7 +219,7 @@ def _note_displaced(parent_fd, at, name, result):
     owns the displaced entry, in a sticky directory) may remove or rename
     it at any moment; that must not fail the Prolog and drain the node."""
     try:
-        st = os.stat(at, dir_fd=parent_fd, follow_symlinks=False)
+        st = lstat_at(parent_fd, at)
     except OSError as e:
         result.displaced = f"an entry that its owner removed meanwhile ({e.strerror})"
         return
@@ -230,15 +239,25 @@ def _note_displaced(parent_fd, at, name, result):
     result.displaced = f"{kind} owned by uid {st.st_uid}, moved to {squatted}"
 
 
+def lstat_at(dirfd, name):
+    """lstat of dirfd/name that cannot hang: a user may put a FUSE mount on
+    any name they own (in a sticky /tmp, in their kept directory), and a
+    plain lstat of a mount point asks the mounted filesystem, which may
+    never answer.  See kernel.statx_nofollow; .mount_root says it is one."""
+    return kernel.statx_nofollow(dirfd, name)
+
+
 def is_ours(parent_fd, name):
     """parent/name is a directory owned by root: the mark of everything
     privtmpd makes next to user-writable places (users cannot create
     root-owned entries; they can create anything else with our names)."""
     try:
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-    except FileNotFoundError:
+        st = lstat_at(parent_fd, name)
+    except OSError:
+        # Gone, or a user's FUSE mount, which denies even root (no
+        # allow_other): nothing of ours is ever either.
         return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.mount_root
 
 
 def rename_aside(parent_fd, name, new_name):
@@ -479,7 +498,7 @@ def _empty(top, stats, budget, sizes, fix=False):
                 if not is_dir:
                     try:
                         if sizes:
-                            nbytes = entry.stat(follow_symlinks=False).st_blocks * 512
+                            nbytes = lstat_at(fd, nm).st_blocks * 512
                             if budget is not None:
                                 budget.charge(nbytes)
                             _in_dir(os.unlink, fd, nm, fix)
@@ -564,7 +583,7 @@ def remove_as_owner(parent_fd, name):
         return stats
     try:
         with os.scandir(top) as it:
-            entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+            entries = [(e.name, lstat_at(top, e.name)) for e in it]
         for sub, st in entries:
             if not stat.S_ISDIR(st.st_mode):
                 if st.st_uid == 0 and stat.S_ISREG(st.st_mode):
@@ -610,19 +629,43 @@ def _empty_child(top, sub, stats, fix=False):
         os.close(fd)
 
 
+AS_OWNER_SECONDS = PASSES_SECONDS     # a remover with a user's rights has this long, then is killed
+PR_SET_DUMPABLE = 4
+
+
 def _empty_as(top, sub, uid, gid, stats):
-    """_empty_child in a forked child that has only uid's and gid's rights."""
+    """_empty_child in a forked child that has only uid's and gid's rights.
+
+    The child runs as the user, so the user can signal it (SIGSTOP) or keep
+    feeding its directory: it is killed after AS_OWNER_SECONDS and the
+    removal reported incomplete (retried later).  It keeps no fd but its
+    pipe and the top directory (the daemon's others, e.g. directories of
+    other users it is measuring, are not for a process the user may
+    ptrace), is not dumpable, and dies with its parent (set after the uid
+    change, which clears the parent-death signal)."""
     import json
+    import select
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             os.close(r)
-            kernel.set_pdeathsig(9)
+            null = os.open("/dev/null", os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(null, std)      # not the daemon's log stream
+            os.close(null)
+            keep = sorted({top, w})
+            os.closerange(3, keep[0])
+            os.closerange(keep[0] + 1, keep[1])
+            os.closerange(keep[1] + 1, 1 << 20)
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+            kernel.prctl(PR_SET_DUMPABLE, 0)
+            kernel.set_pdeathsig(9)
+            if os.getppid() == 1:
+                os._exit(1)         # the parent died before prctl
             child = RemoveStats()
             _empty_child(top, sub, child, fix=True)
             os.write(w, json.dumps(child.__dict__).encode()[:60000])
@@ -630,9 +673,19 @@ def _empty_as(top, sub, uid, gid, stats):
         finally:
             os._exit(code)
     os.close(w)
+    data, deadline = b"", time.monotonic() + AS_OWNER_SECONDS
     try:
-        data = b""
-        while chunk := os.read(r, 65536):
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                os.kill(pid, 9)
+                data = b""
+                break
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
             data += chunk
     finally:
         os.close(r)
@@ -640,7 +693,7 @@ def _empty_as(top, sub, uid, gid, stats):
     try:
         got = json.loads(data)
     except ValueError:
-        stats.fail("remove-as-owner", sub, errno.EIO)
+        stats.fail("remove-as-owner", sub, errno.ETIMEDOUT if not data else errno.EIO)
         return
     for k in ("files", "dirs", "bytes", "mounts_skipped", "failures"):
         setattr(stats, k, getattr(stats, k) + got[k])
@@ -665,13 +718,22 @@ class UsageWalk:
 
     CHECK_EVERY = 256           # entries between two looks at the clock
 
-    def __init__(self, dirfd, name, max_entries=10_000_000):
+    def __init__(self, dirfd, name, max_entries=10_000_000, mounts_at_top=()):
+        # mounts_at_top: names in the top directory that are mount points
+        # of our own (limit='s image at fs/, counted through its image file):
+        # skipped, not a reason to call the walk incomplete.
+        self.mounts_at_top = frozenset(mounts_at_top)
         self.bytes = self.entries = 0
         self.complete, self.done = True, False
+        self.why = ""           # when not complete: what cut the walk short
         self.max_entries = max_entries
         self._linked = set()    # (dev, ino) of files with more than one link, counted once
         top = _open_child_dir(dirfd, name)
-        self._stack = [(top, os.scandir(top))]
+        try:
+            self._stack = [(top, os.scandir(top))]
+        except BaseException:
+            os.close(top)
+            raise
 
     def step(self, deadline=None, interrupt=None, progress=None):
         """Walk on; True once the walk is over (then the fds are closed)."""
@@ -684,7 +746,7 @@ class UsageWalk:
                     self.entries += 1
                     n += 1
                     if self.entries > self.max_entries:
-                        self.complete = False
+                        self.complete, self.why = False, f"more than {self.max_entries} entries"
                         self.close()
                         return True
                     if n % self.CHECK_EVERY == 0:
@@ -693,8 +755,13 @@ class UsageWalk:
                         if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
                             return False        # the iterator keeps its place
                     try:
-                        st = e.stat(follow_symlinks=False)
+                        st = lstat_at(fd, e.name)
                     except OSError:
+                        continue
+                    if st.mount_root:
+                        # Another filesystem: not measured, never entered.
+                        if not (len(self._stack) == 1 and e.name in self.mounts_at_top):
+                            self.complete, self.why = False, f"a mount point inside ({e.name!r})"
                         continue
                     if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                         if (st.st_dev, st.st_ino) in self._linked:
@@ -704,7 +771,7 @@ class UsageWalk:
                     if not stat.S_ISDIR(st.st_mode):
                         continue
                     if len(self._stack) >= MAX_DEPTH:
-                        self.complete = False
+                        self.complete, self.why = False, f"deeper than {MAX_DEPTH} levels"
                         continue
                     try:
                         cfd = _open_child_dir(fd, e.name)

@@ -255,6 +255,36 @@ def test_enter_warns_root_and_enters_as_the_user(daemon):
     assert r.returncode != 0
 
 
+def test_enter_as_the_user_on_a_terminal_gets_a_terminal_of_its_own(daemon):
+    """On the admin's terminal, a process of the user's could push
+    keystrokes into it for the root shell that reads it next."""
+    import pty
+    import select
+    import sys
+    create(daemon, 44)
+    master, slave = pty.openpty()
+    outer = os.ttyname(slave)
+    p = subprocess.Popen([sys.executable, "-m", "privtmpd.ctl", "--config", daemon.conf_path, "enter", "--user", "44",
+                          "--", "sh", "-c", "tty; id -u; exit 5"], stdin=slave, stdout=slave, stderr=slave,
+                         start_new_session=True, cwd=REPO)
+    os.close(slave)
+    out = b""
+    while select.select([master], [], [], 30)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(timeout=30) == 5
+    lines = out.decode().split()
+    assert "65534" in lines, lines
+    inner = next(x for x in lines if x.startswith("/dev/"))
+    assert inner != outer
+
+
 def test_enter_default_shell(daemon):
     create(daemon, 42)
     with open(f"{daemon.job_dir(42)}/tmp/hello", "w") as f:

@@ -11,7 +11,7 @@ import pytest
 
 from cli import wait_for
 from harness import TEST_BASE_PARENT
-from privtmpd import config, namespace, safefs
+from privtmpd import client, config, kernel, namespace, safefs
 
 pytestmark = pytest.mark.root
 
@@ -128,7 +128,9 @@ def _fill(d, job, uid, mib, links=0):
 
 
 def _measured(d, paths):
-    kept = {k["path"]: k["bytes"] for k in d.request(op="list")["kept"]}
+    reply = d.request(op="list")
+    assert reply["ok"], reply
+    kept = {k["path"]: k["bytes"] for k in reply["kept"]}
     return all(kept.get(p) is not None for p in paths if os.path.exists(p))
 
 
@@ -162,7 +164,6 @@ def test_keep_max_evicts_the_biggest_users_own_first(daemon_factory, figures):
 def test_measuring_a_huge_kept_directory_does_not_hold_up_prologs(daemon_factory, figures):
     """No work that grows with user data in one turn of the daemon: a kept
     directory of 150 000 files is measured in steps between requests."""
-    from privtmpd import client
     d = daemon_factory("keep_failed=1h keep_max=10g")
     assert d.create(7221, uid=VICTIM, gid=VICTIM)["ok"]
     top = f"{d.job_dir(7221)}/tmp"
@@ -186,3 +187,55 @@ def test_measuring_a_huge_kept_directory_does_not_hold_up_prologs(daemon_factory
             worst_prolog_ms=round(worst * 1000, 1), prologs=n, measure_s=round(took, 2))
     assert n >= 5, f"only {n} Prologs during the measurement ({took:.2f} s)"
     assert worst < 0.25, f"a Prolog waited {worst * 1000:.0f} ms while the kept directory was measured"
+
+
+def _hanging_fuse(path, uid, allow_other):
+    """A FUSE mount at path that never answers (nothing reads /dev/fuse),
+    owned by uid as a user's fusermount3 would make it: with allow_other
+    (user_allow_other in /etc/fuse.conf) root's requests wait for ever;
+    without, root gets EACCES.  Returns the fd; closing it aborts the
+    connection and frees whoever waits on it."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    kernel.mount("privtmpd-test-hang", path, "fuse", kernel.MS_NOSUID | kernel.MS_NODEV,
+                 f"fd={fd},rootmode=40000,user_id={uid},group_id={uid}" + (",allow_other" if allow_other else ""))
+    return fd
+
+
+def test_a_hanging_fuse_mount_cannot_stop_the_daemon(daemon_factory, figures):
+    """A user mounts a FUSE filesystem that never answers inside their kept
+    directory and on a squatted kept name: a plain lstat of either would
+    block the daemon's only thread, and with it every Prolog."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine")
+    d = daemon_factory("keep_failed=1h keep_max=1g")
+    assert d.create(7231, uid=ATTACKER, gid=ATTACKER)["ok"]
+    kept = _kept_path(d, 7231)
+    inside, squat = f"{kept}/tmp/m", f"{d.base_parent}/job.7232.0.kept.9999999999.0"
+    denying, next_job = f"{d.base_parent}/job.7234.0.kept.9999999999.0", d.job_dir(7235)
+    mounts = [(inside, True), (squat, True), (denying, False), (next_job, True)]
+    for p, _ in mounts:
+        os.mkdir(p)
+        os.chown(p, ATTACKER, ATTACKER)
+    fds = []
+    try:
+        fds = [_hanging_fuse(p, ATTACKER, other) for p, other in mounts]
+        # A mount squatting the next job's path: its Prolog still succeeds.
+        assert d.create(7235, uid=VICTIM, gid=VICTIM)["ok"]
+        assert os.stat(d.job_dir(7235)).st_uid == 0
+        assert d.create(7233, uid=VICTIM, gid=VICTIM)["ok"]
+        _kept_path(d, 7233)                         # measuring starts after this reply
+        worst = 0.0
+        for i in range(20):
+            t = time.monotonic()
+            assert client.request({"op": "create", "job": str(7300 + i), "restart": "0", "uid": "1", "gid": "1"},
+                                  d.socket, timeout=5)["ok"]
+            worst = max(worst, time.monotonic() - t)
+            time.sleep(0.05)
+        wait_for(lambda: _measured(d, [kept]), timeout=20, what="the kept directory measured")
+        figures("FUSE mounts that never answer, in a kept directory and on a squatted name",
+                worst_prolog_ms=round(worst * 1000, 1), failures=0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for p, _ in mounts:
+            subprocess.run(["umount", "-l", p], stderr=subprocess.DEVNULL)
