@@ -287,22 +287,40 @@ def test_limit_with_keep_failed_keeps_the_filesystem_readable(daemon_factory):
 #
 # pam_slurm_adopt is not run here (it needs sshd, proctrack/cgroup and the
 # extern step); what it does to a session is done by hand: the process is
-# moved into a .../job_<id>/step_extern cgroup (freezer hierarchy, as
-# proctrack/cgroup makes it), then the session stack is run by a small PAM
-# application (tests/pam_driver.c) that execs a command in the result.
+# moved into a .../job_<id>/step_extern cgroup, as Slurm makes it: on cgroup
+# v1 in the freezer hierarchy (proctrack/cgroup, .../uid_<uid>/job_<id>), on
+# cgroup v2 in the unified one (cgroup/v2, .../slurmstepd.scope/job_<id>);
+# then the session stack is run by a small PAM application
+# (tests/pam_driver.c) that execs a command in the result.
 
 PAM_WORK = "/var/lib/privtmpd-test/pam"
-CG = "/sys/fs/cgroup/freezer/privtmpd-test-pam"
 
 
-@pytest.fixture
+def _v2_top():
+    """The cgroup v2 hierarchy: /sys/fs/cgroup on a systemd host of today,
+    /sys/fs/cgroup/unified on a hybrid one."""
+    for top in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if os.path.exists(f"{top}/cgroup.controllers"):
+            return top
+    return None
+
+
+CGROUP_LAYOUTS = {
+    "v1": lambda: ("/sys/fs/cgroup/freezer/privtmpd-test-pam" if os.path.isdir("/sys/fs/cgroup/freezer") else None,
+                   "uid_0/job_{job}/step_extern"),
+    "v2": lambda: (_v2_top() and f"{_v2_top()}/privtmpd-test-pam",
+                   "system.slice/slurmstepd.scope/job_{job}/step_extern"),
+}
+
+
+@pytest.fixture(params=sorted(CGROUP_LAYOUTS))
 def pam_setup(request):
     if not os.path.exists("/usr/include/security/pam_modules.h"):
         from conftest import privileged_skip
         privileged_skip("libpam0g-dev not installed (security/pam_modules.h)")
-    if not os.path.isdir("/sys/fs/cgroup/freezer"):
-        from conftest import privileged_skip
-        privileged_skip("no cgroup v1 freezer hierarchy")
+    CG, layout = CGROUP_LAYOUTS[request.param]()
+    if not CG:
+        pytest.skip(f"no cgroup {request.param} hierarchy on this machine (the other one is tested)")
     from harness import REPO
     os.makedirs(PAM_WORK, exist_ok=True)
     subprocess.run(["make", "-s", "-C", f"{REPO}/pam", f"BUILDDIR={PAM_WORK}"], check=True)
@@ -318,7 +336,7 @@ def pam_setup(request):
                     "session optional pam_permit.so\n")
         enter = "true"
         if job is not None:
-            cg = f"{CG}/uid_0/job_{job}/step_extern"
+            cg = f"{CG}/{layout.format(job=job)}"
             os.makedirs(cg, exist_ok=True)
             made.append(cg)
             enter = f"echo $$ > {cg}/cgroup.procs"
