@@ -207,6 +207,32 @@ def _pin(cfg, job, nsfd):
 
 # --- create --------------------------------------------------------------
 
+def _build_and_pin(cfg, job, binds, timeout):
+    """Build the job's namespace and pin it, on another CPU if the kernel
+    refuses the pin.
+
+    The kernel binds a mount namespace file only if that namespace is newer
+    than the caller's (the loop check compares namespace ids).  Since Linux
+    6.18 those ids come from per-CPU batches, so a namespace made now on one
+    CPU may have a smaller id than an older one made on another.  In the
+    initial namespace (the oldest) that never matters; a daemon in a
+    container's or a test node's mount namespace gets EINVAL for a
+    namespace built on the wrong CPU (10-16 of 20 concurrent creates).  Ids
+    only grow on each CPU, so building once on each allowed CPU in turn
+    reaches the one where the daemon's own namespace was made."""
+    cpus = sorted(os.sched_getaffinity(0))
+    for cpu in [None] + cpus:
+        nsfd = build_namespace(binds, cfg.shm, timeout, cpu)
+        try:
+            _pin(cfg, job, nsfd)
+            return
+        except KernelError as e:
+            if e.errno != errno.EINVAL or cpu == cpus[-1]:
+                raise
+            unpin(cfg, job)
+        finally:
+            os.close(nsfd)
+
 def _mount_flags_of(fd):
     """Per-mount flags of the mount the source lives on, so a bind of a
     directory from a noexec or read-only filesystem does not gain exec or
@@ -270,9 +296,9 @@ class _NamespaceThread(threading.Thread):
     namespace, and a failure half-way leaves nothing behind but a namespace
     no one references."""
 
-    def __init__(self, binds, shm):
+    def __init__(self, binds, shm, cpu=None):
         super().__init__(name="privtmpd-ns", daemon=True)
-        self.binds, self.shm = binds, shm
+        self.binds, self.shm, self.cpu = binds, shm, cpu
         self.lock = threading.Lock()
         self.abandoned = False      # the daemon gave up waiting (timeout)
         self.nsfd = None
@@ -281,6 +307,8 @@ class _NamespaceThread(threading.Thread):
     def run(self):
         opened = []
         try:
+            if self.cpu is not None:
+                os.sched_setaffinity(0, {self.cpu})     # this thread only
             nsfd = _setup_in(self.binds, self.shm, opened)
         except BaseException as e:      # noqa: BLE001 - handed to the daemon
             self.error = e
@@ -307,11 +335,11 @@ class _NamespaceThread(threading.Thread):
         return self.nsfd
 
 
-def build_namespace(binds, shm, timeout=30.0):
+def build_namespace(binds, shm, timeout=30.0, cpu=None):
     """A new mount namespace, a rslave copy of the host's with binds
     (target, source path, dev, ino) mounted and shm's tmpfs; returns an
-    O_RDONLY fd on it."""
-    t = _NamespaceThread(binds, shm)
+    O_RDONLY fd on it.  cpu: build it on that CPU (see _build_and_pin)."""
+    t = _NamespaceThread(binds, shm, cpu)
     t.start()
     return t.result(timeout)
 
@@ -435,11 +463,7 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
         placement.subdirs, state["reserved"] = _make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid,
                                                                 limit)
     binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
-    nsfd = build_namespace(binds, cfg.shm, timeout)
-    try:
-        _pin(cfg, job, nsfd)
-    finally:
-        os.close(nsfd)
+    _build_and_pin(cfg, job, binds, timeout)
     state["ns"] = list(pin_identity(cfg, job))
     state["state"] = STATE_READY
     write_state(cfg, job, state)

@@ -97,9 +97,10 @@ def _remove(path):
 class DaemonProc:
     """A real privtmpd started in the foreground on its own rundir and base."""
 
-    def __init__(self, name, extra="", base_parent=None):
+    def __init__(self, name, extra="", base_parent=None, prefix=()):
         name = safe_name(name)
         self.name = name
+        self.prefix = list(prefix)      # e.g. unshare -m: the daemon in a mount namespace of its own
         self.rundir = f"{TEST_RUN}/{name}"
         self.base_parent = base_parent or f"{TEST_BASE_PARENT}/{name}"
         self.conf_path = f"{TEST_RUN}/{name}.conf"
@@ -124,7 +125,7 @@ class DaemonProc:
         with open(self.conf_path, "w") as f:
             f.write(self.text)
         self.logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "privtmpd.daemon", "--foreground",
+        self.proc = subprocess.Popen(self.prefix + [sys.executable, "-m", "privtmpd.daemon", "--foreground",
                                       "--config", self.conf_path], cwd=REPO,
                                      stdout=self.logf, stderr=subprocess.STDOUT)
         with open(self.pidfile, "w") as f:
