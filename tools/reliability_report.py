@@ -25,6 +25,7 @@ SECTIONS = [
     ("test_epilog_kill.py", "Processes that outlive their job (fork chains, cgroups)"),
     ("test_kept_attacks.py", "keep_failed= against its own user"),
     ("test_e2e_limit_from.py", "limit_from=tmp against the job's own text"),
+    ("test_container_ns.py", "The daemon outside the initial mount namespace"),
 ]
 
 COUNT_KEYS = ("jobs", "cycles", "kill_points", "failure_points", "swaps", "attempts", "runs", "fds_checked")
