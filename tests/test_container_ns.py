@@ -65,13 +65,19 @@ def test_every_create_pins_under_concurrent_load(contained, figures):
 def test_namespace_tests_pass_with_a_tmpfs_tmp():
     """/tmp on a tmpfs (Debian 13's default): the namespace tests, run in a
     mount namespace of their own whose /tmp is a fresh tmpfs (the daemon
-    they start then lives there too: not the initial namespace either)."""
+    they start then lives there too: not the initial namespace either).
+    The checkout is bound outside /tmp first: CI's may be under /tmp."""
     import sys
     from harness import REPO
+    here = "/var/lib/privtmpd-test/repo-bind"      # not under TEST_RUN: the inner run cleans that
+    os.makedirs(here, exist_ok=True)
+    python = sys.executable
+    if python.startswith(REPO + "/"):
+        python = here + python[len(REPO):]
     env = {k: v for k, v in os.environ.items() if k != "PRIVTMPD_RELIABILITY_LOG"}
-    r = subprocess.run(["unshare", "--mount", "--propagation", "slave", "sh", "-c",
-                        'mount -t tmpfs -o mode=1777 privtmpd-test-tmp /tmp && exec "$@"', "sh",
-                        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_namespace.py"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    script = ('mount --bind "$1" "$2" && mount -t tmpfs -o mode=1777 privtmpd-test-tmp /tmp && cd "$2" && '
+              'exec "$3" -m pytest -q -p no:cacheprovider tests/test_namespace.py')
+    r = subprocess.run(["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, "sh", REPO, here, python],
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout.splitlines()[-1]
