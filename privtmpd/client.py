@@ -143,6 +143,54 @@ def _report(tag, line):
         pass
 
 
+SCONTROL_PATHS = ("/usr/bin/scontrol", "/usr/local/bin/scontrol", "/opt/slurm/bin/scontrol")
+# Run detached by a failing hook: wait (30 s at most) until slurmctld has
+# drained the node with its generic reason ($3), then replace it with the
+# hook's own ($4).  Setting it before would not do: the drain comes after
+# the hook's exit and overwrites any reason set until then.
+_REASON_SCRIPT = (
+    'i=0; while [ $i -lt 60 ]; do '
+    'case "$("$1" -o show node "$2" 2>/dev/null)" in *"Reason=$3"*) exec "$1" update nodename="$2" reason="$4";; esac; '
+    'sleep 0.5; i=$((i+1)); done')
+
+
+def _name_the_drain(kind, env, text):
+    """A failed Prolog or Epilog drains the node with the reason "Prolog
+    error" or "Epilog error", and the hook's message is only in slurmd's
+    log.  A detached helper (see _REASON_SCRIPT) puts it where the admin
+    looks: sinfo -R.  Best effort, and only on this failure path: a
+    successful hook never forks."""
+    node, conf = env.get("SLURMD_NODENAME", ""), env.get("SLURM_CONF", "")
+    scontrol = next((p for p in SCONTROL_PATHS if posix.access(p, posix.X_OK)), None)
+    if not (node and conf.startswith("/") and scontrol):
+        return
+    reason = "".join(c if c.isprintable() else " " for c in f"privtmpd: {text}")[:200]
+    generic = "Prolog error" if kind == "prolog" else "Epilog error"
+    try:
+        pid = posix.fork()
+    except OSError:
+        return
+    if pid:
+        try:
+            posix.waitpid(pid, 0)
+        except OSError:
+            pass
+        return
+    try:
+        # Detached: a session of its own, and the hook's parent (slurmd) is
+        # not kept waiting: the middle process exits at once.
+        posix.setsid()
+        if posix.fork():
+            posix._exit(0)
+        null = posix.open("/dev/null", posix.O_RDWR)
+        for fd in (0, 1, 2):
+            posix.dup2(null, fd)
+        posix.execve("/bin/sh", ["sh", "-c", _REASON_SCRIPT, "sh", scontrol, node, generic, reason],
+                     {"PATH": "/usr/bin:/bin", "SLURM_CONF": conf})
+    finally:
+        posix._exit(1)
+
+
 def _hook_request(kind, env):
     job = env.get("SLURM_JOB_ID", "")
     if kind == "prolog":
@@ -196,12 +244,14 @@ def run_hook(kind, argv=None, env=None):
             return 0
         reply = _parse_reply(raw)
     except ClientError as e:
-        _report(tag, f"job={msg['job']}: {e}")
-        return 1
-    if not reply.get("ok"):
-        _report(tag, f"job={msg['job']}: {reply.get('error', 'unknown error')}")
-        return 1
-    return 0
+        error = str(e)
+    else:
+        if reply.get("ok"):
+            return 0
+        error = reply.get("error", "unknown error")
+    _report(tag, f"job={msg['job']}: {error}")
+    _name_the_drain(kind, env, f"job {msg['job']}: {error}")
+    return 1
 
 
 def exit_hook(code):

@@ -210,15 +210,22 @@ def _proc_uid(pid):
         return None
 
 
-def last_pid():
-    """The PID most recently handed out in our PID namespace."""
-    with open("/proc/loadavg", "rb") as f:
-        return int(f.read().rsplit(b" ", 1)[1])
+def last_pid(fd=None):
+    """The PID most recently handed out in our PID namespace.  fd: an open
+    /proc/loadavg, read again from offset 0 (one system call per round of
+    the kill loop, not three)."""
+    if fd is None:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().rsplit(b" ", 1)[1])
+    return int(os.pread(fd, 256, 0).rsplit(b" ", 1)[1])
 
 
 def _pid_max():
     with open("/proc/sys/kernel/pid_max", "rb") as f:
         return int(f.read())
+
+
+_PID_MAX = _pid_max()       # read at start-up: a sysctl change takes a restart
 
 
 def _new_pids(before, after, pid_max):
@@ -269,23 +276,25 @@ def kill_processes_in(ns_id, timeout, holding=(), uid=None, job=None, on_cgroup=
     killed; raises StillRunning when processes of the job are still found
     after `timeout` seconds."""
     match = _Matcher(ns_id, holding, uid)
+    loadavg = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if not match.valid:
             return []
-        return _kill_loop(match, timeout, job, on_cgroup)
+        return _kill_loop(match, timeout, job, on_cgroup, loadavg)
     finally:
         match.close()
+        os.close(loadavg)
 
 
 QUIET_ROUNDS = 20
 QUIET_SECONDS = 0.05
 
 
-def _kill_loop(match, timeout, job, on_cgroup):
+def _kill_loop(match, timeout, job, on_cgroup, loadavg):
     me = os.getpid()
     killed, seen, cgroups_done = [], set(), set()
     deadline = time.monotonic() + timeout
-    pid_max = _pid_max()
+    pid_max = _PID_MAX
 
     def hit(pids):
         late = time.monotonic() > deadline
@@ -322,7 +331,7 @@ def _kill_loop(match, timeout, job, on_cgroup):
 
     quiet, quiet_since = 0, time.monotonic()
     while True:
-        cursor = last_pid()
+        cursor = last_pid(loadavg)
         found = [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != me and match(n)]
         if found:
             hit(found)
@@ -332,7 +341,7 @@ def _kill_loop(match, timeout, job, on_cgroup):
             quiet += 1
             if quiet >= QUIET_ROUNDS and time.monotonic() - quiet_since >= QUIET_SECONDS:
                 return killed
-            now = last_pid()
+            now = last_pid(loadavg)
             if now == cursor:
                 return killed
             fresh = _new_pids(cursor, now, pid_max)

@@ -87,6 +87,33 @@ OPS = {
 }
 
 
+MAX_DEPTH = 2       # the request object and one level in it
+
+
+def _too_deep(line):
+    """Brackets nested deeper than MAX_DEPTH outside strings."""
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False            # every real request: no scan
+    depth, in_str, escaped = 0, False, False
+    for c in line:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:     # backslash
+                escaped = True
+            elif c == 0x22:     # quote
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
 def parse_request(data):
     """bytes (as received, newline included) -> (op, {field: value})."""
     if not data:
@@ -102,6 +129,10 @@ def parse_request(data):
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("request is not valid UTF-8") from None
+    if _too_deep(line):
+        # Requests are flat objects.  Refused before parsing, the same on
+        # every Python (3.13's parser no longer stops at depth ~1000).
+        raise ProtocolError("request nested too deeply")
     try:
         msg = json.loads(text)
     except RecursionError:

@@ -4,6 +4,7 @@ daemon for the job's namespace, the entry helper puts every task into it,
 the Epilog tears it down."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -152,7 +153,12 @@ def test_job_without_namespace_fails_instead_of_using_host_tmp(stack):
         stack.daemon.start()
     assert "ran" not in r.stdout
     assert not os.path.exists("/tmp/leak-check")
-    assert "Prolog" in c.node_info().get("Reason", "") or "DRAIN" in c.node_state().upper()
+    assert "DRAIN" in c.node_state().upper(), c.node_info()
+    # sinfo -R names the problem, not only Slurm's "Prolog error".
+    _wait_for(lambda: "privtmpd: job" in c.node_info().get("Reason", ""), what="privtmpd's drain reason",
+              timeout=20)
+    assert "privtmpd" in subprocess.run(["sinfo", "-R", "-h"], env=c.env(), capture_output=True,
+                                        text=True).stdout
     c.scontrol("update", f"nodename={c.host}", "state=resume")
     # slurmctld flags a resumed node NOT_RESPONDING until its next ping.
     c.scontrol("reconfigure")

@@ -154,6 +154,7 @@ def test_detached_daemon_logs_to_syslog(daemon_factory):
     d = daemon_factory(start=False)
     os.makedirs(d.base_parent, exist_ok=True)
     os.chmod(d.base_parent, 0o1777)
+    os.makedirs(os.path.dirname(d.conf_path), exist_ok=True)
     with open(d.conf_path, "w") as f:
         f.write(d.text)
     pidfile = f"{d.rundir}.daemon.pid"

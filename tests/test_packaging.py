@@ -310,7 +310,7 @@ def test_man_page_renders_without_warnings(page):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     man = need("man", "man-db")
     r = subprocess.run([man, "--warnings", "-l", path], capture_output=True, text=True,
-                       env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", PAGER="cat"))
+                       env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", PAGER="cat", GROFF_NO_SGR="1"))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "SEE ALSO"):
         assert f"\n{heading}\n" in plain(r.stdout)
@@ -326,7 +326,7 @@ def plain(text):
 
 def rendered(page):
     r = subprocess.run(["man", "-l", os.path.join(REPO, "man", page)], capture_output=True, text=True,
-                       env=dict(os.environ, MANWIDTH="200", PAGER="cat"))
+                       env=dict(os.environ, MANWIDTH="200", PAGER="cat", GROFF_NO_SGR="1"))
     return plain(r.stdout)
 
 

@@ -33,8 +33,12 @@ if [ "${1:-}" = "--inside" ]; then
     pivot_root . .oldroot
     umount -l /.oldroot
     cd /work/privtmpd
-    exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+    # Not exec: this shell stays PID 1 (it reaps orphans), and the test
+    # suite is not mistaken for init (a daemon started by PID 1 does not
+    # detach: python-daemon's rule, right for systemd, wrong here).
+    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
         PRIVTMPD_REQUIRE_PRIVILEGED="${PRIVTMPD_REQUIRE_PRIVILEGED:-}" tools/test.sh "$@"
+    exit $?
 fi
 
 start=$(date +%s)
