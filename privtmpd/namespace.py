@@ -212,9 +212,10 @@ def _build_and_pin(cfg, job, binds, timeout):
     refuses the pin.
 
     The kernel binds a mount namespace file only if that namespace is newer
-    than the caller's (the loop check compares namespace ids).  Since Linux
-    6.18 those ids come from per-CPU batches, so a namespace made now on one
-    CPU may have a smaller id than an older one made on another.  In the
+    than the caller's (the loop check compares namespace ids).  On recent
+    kernels (seen on 6.18) those ids come from per-CPU batches, so a
+    namespace made now on one CPU may have a smaller id than an older one
+    made on another.  In the
     initial namespace (the oldest) that never matters; a daemon in a
     container's or a test node's mount namespace gets EINVAL for a
     namespace built on the wrong CPU (10-16 of 20 concurrent creates).  Ids
