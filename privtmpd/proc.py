@@ -87,13 +87,54 @@ def mount_roots(paths):
     return out
 
 
+def _holds(table, roots):
+    return any(mdev == dev and (root == top or root.startswith(top + b"/"))
+               for mdev, root, _, _ in table for dev, top in roots)
+
+
 def _mounts_any_of(pid, roots):
     try:
         table = mountinfo(pid)
     except OSError:
         return False
-    return any(mdev == dev and (root == top or root.startswith(top + b"/"))
-               for mdev, root, _, _ in table for dev, top in roots)
+    return _holds(table, roots)
+
+
+PROBE_SECONDS = 2.0
+
+
+def _ns_mounts_any_of(nsfd, roots):
+    """Whether the mount namespace open on nsfd has one of roots mounted,
+    seen from the namespace's own root.  /proc/PID/mountinfo shows only the
+    mounts under that process's root: a user who chroots (or pivots) in a
+    user+mount namespace of their own hides the job's mounts from it.  A
+    forked child (single-threaded, as setns needs) joins the namespace,
+    which puts it at the namespace's root, and reads its own mountinfo."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            kernel.setns(nsfd, kernel.CLONE_NEWNS)
+            os.write(w, b"1" if _holds(mountinfo(), roots) else b"0")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        import select
+        ready = select.poll()
+        ready.register(r, select.POLLIN)
+        answer = os.read(r, 1) if ready.poll(PROBE_SECONDS * 1000) else b""
+    finally:
+        os.close(r)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    return answer == b"1"
 
 
 # --- processes in a namespace ---------------------------------------------
@@ -181,7 +222,8 @@ class _Matcher:
                 return False    # the process changed namespace meanwhile: judged next time
             if self.roots is None:
                 self.roots = mount_roots(self.holding)
-            self.verdict[ident] = bool(self.roots) and _mounts_any_of(pid, self.roots)
+            self.verdict[ident] = bool(self.roots) and (_mounts_any_of(pid, self.roots)
+                                                        or _ns_mounts_any_of(self.held[-1], self.roots))
         return self.verdict[ident]
 
     def close(self):

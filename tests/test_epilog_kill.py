@@ -160,6 +160,30 @@ def test_epilog_finds_a_process_hidden_behind_its_exited_leader(daemon, figures)
         _stop_chain(reaper)
 
 
+def test_epilog_kills_a_chrooted_process_in_the_users_own_namespace(daemon, figures):
+    """A job process makes a user+mount namespace of its own, keeps the
+    job's /tmp as its working directory and chroots elsewhere: its own
+    mountinfo no longer shows the job's mounts.  The namespace is judged
+    from its root instead."""
+    job = 4108
+    assert daemon.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
+    reaper = None
+    try:
+        reaper = subprocess.Popen(["/usr/bin/python3", "-c", REAPER, "nsenter", f"--mount={daemon.pin(job)}", "--",
+                                   "setpriv", f"--reuid={CHAIN_UID}", f"--regid={CHAIN_UID}", "--clear-groups",
+                                   "unshare", "-Urm", "sh", "-c", "cd /tmp && exec chroot /usr /bin/sleep 300"])
+        time.sleep(0.5)
+        assert reaper.poll() is None, "the chrooted process did not start"
+        r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
+        assert r.returncode == 0, r.stderr
+        lives = _chain_lives(reaper, 3.0)
+        figures("a process chrooted in a user+mount namespace of the job user's, cwd in the job's /tmp",
+                chain_survived=lives)
+        assert not lives, "the chrooted process outlived the Epilog"
+    finally:
+        _stop_chain(reaper)
+
+
 def test_epilog_succeeds_while_the_node_forks_all_the_time(daemon_factory, figures):
     """Other processes fork without pause (the PID cursor never stands
     still), and kill_timeout=0: the Epilog still says ok, and soon."""
