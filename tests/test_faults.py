@@ -274,13 +274,24 @@ def test_pin_taken_away_teardown_still_succeeds(daemon, how, figures):
         with open(pin, "w") as f:
             f.write("x")
     elif how == "replaced-by-other-ns":
-        other = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "300"])
-        deadline = time.monotonic() + 10
-        while os.readlink(f"/proc/{other.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt") \
-                or os.readlink(f"/proc/{other.pid}/exe").endswith("unshare"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        subprocess.run(["mount", "--bind", f"/proc/{other.pid}/ns/mnt", pin], check=True)
+        # Made on each CPU in turn until the bind is allowed: outside the
+        # initial mount namespace (the Debian 13 leg) the kernel refuses
+        # to bind a namespace with a smaller (per-CPU) id than the caller's,
+        # as namespace._build_and_pin explains.
+        for cpu in sorted(os.sched_getaffinity(0)):
+            other = subprocess.Popen(["taskset", "-c", str(cpu), "unshare", "-m", "--propagation", "private",
+                                      "sleep", "300"])
+            deadline = time.monotonic() + 10
+            while os.readlink(f"/proc/{other.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt") \
+                    or not os.readlink(f"/proc/{other.pid}/exe").endswith("sleep"):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            if subprocess.run(["mount", "--bind", f"/proc/{other.pid}/ns/mnt", pin]).returncode == 0:
+                break
+            other.kill()
+            other.wait()
+        else:
+            raise AssertionError("no CPU gave a namespace that may be bound here")
     try:
         assert namespace.pin_identity(daemon.cfg, 8) != tuple(namespace.read_state(daemon.cfg, 8)["ns"])
         r = daemon.destroy(8, restart=0)
