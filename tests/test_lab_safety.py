@@ -47,3 +47,70 @@ def test_cluster_start_and_stop_leave_other_slurm_daemons_alone(decoys):
     c.start()
     c.stop()
     assert all(p.poll() is None for p in decoys)
+
+
+def _host_view():
+    """What the lab must leave as it is: the host's network devices,
+    /etc/hosts and the TCP ports listening in the host's namespace."""
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    with open("/etc/hosts", "rb") as f:
+        hosts = f.read()
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A":
+                    listening.add(int(local.rsplit(":", 1)[1], 16))
+    return sorted(line.split(":", 2)[1].split("@")[0].strip() for line in links.splitlines()), hosts, listening
+
+
+def test_multinode_lab_leaves_the_host_alone(decoys):
+    from nodelab import LabStack
+    before = _host_view()
+    lab = LabStack(nodes=2)
+    lab.start()
+    try:
+        during = _host_view()
+        r = lab.cluster.srun("privtmp1", ["-N2", "hostname"])
+        assert r.returncode == 0, r.stderr + lab.cluster.logs()
+        assert sorted(r.stdout.split()) == ["n1", "n2"]
+    finally:
+        lab.stop()
+    after = _host_view()
+    # No device, no /etc/hosts line, no listening port of the lab on the host
+    # (slurmctld and slurmd listen on 6817/6818 in the lab's namespaces only).
+    assert during[:2] == before[:2] == after[:2]
+    assert not {6817, 6818} & (during[2] - before[2])
+    assert all(p.poll() is None for p in decoys), "the lab killed a process it did not start"
+
+
+def test_multinode_lab_stops_what_an_interrupted_run_left(decoys):
+    """A run killed without its cleanup leaves the machines running; the
+    next start stops them (and only them) by their holders' PIDs."""
+    import sys
+    from nodelab import DEFAULT_LABDIR, LabCluster
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from nodelab import LabStack; "
+            "s = LabStack(nodes=2); s.start(); print(' '.join(str(m.pid) for m in s.cluster.machines), flush=True); "
+            "os._exit(0)")
+    r = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    holders = [int(p) for p in r.stdout.split()]
+    inside = []
+    for pid in holders:
+        ns = os.stat(f"/proc/{pid}/ns/pid").st_ino
+        inside += [int(p) for p in os.listdir("/proc") if p.isdigit() and _ns_ino(p) == ns]
+    assert len(inside) > 2 * len(holders), "the interrupted run left no daemons to find"
+    c = LabCluster(DEFAULT_LABDIR, nodes=2)
+    c.kill_leftovers()
+    alive = [p for p in set(inside) | set(holders) if os.path.exists(f"/proc/{p}/ns")]
+    assert alive == [], alive
+    assert all(p.poll() is None for p in decoys)
+
+
+def _ns_ino(pid):
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None

@@ -1,27 +1,29 @@
-"""Demo: privtmpd on a real local Slurm cluster.  Run through tools/demo.sh."""
+"""Demo: privtmpd on a real Slurm cluster of a controller and two nodes,
+each in namespaces of its own (tests/nodelab.py).  Run through tools/demo.sh.
+
+The nodes run privtmpd as an admin installs it: the production defaults
+(base=/tmp/slurm, rundir=/run/privtmpd), the hooks as Prolog= and Epilog=,
+the entry helper in plugstack.conf."""
 
 import os
+import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from harness import Stack, clean_leftovers  # noqa: E402
+from nodelab import LabStack  # noqa: E402
 
 USER = "privtmp1"
+NODES = 2
 JOB = """#!/bin/bash
-echo "== inside job $SLURM_JOB_ID on $(hostname), as $(id -un)"
-echo "TMPDIR=$TMPDIR"
+echo "== batch script of job $SLURM_JOB_ID on $(hostname), as $(id -un); TMPDIR=$TMPDIR"
 echo "hello from job $SLURM_JOB_ID" > /tmp/hello.txt
-dd if=/dev/zero of=/var/tmp/scratch.bin bs=1M count=8 status=none
-echo "-- what the job sees in /tmp and /var/tmp:"
-ls -la /tmp /var/tmp
-echo "-- the mounts behind them:"
-findmnt -no TARGET,SOURCE /tmp
-findmnt -no TARGET,SOURCE /var/tmp
-echo "-- every task of a step shares it:"
-srun -n2 bash -c 'echo "task $SLURM_PROCID reads: $(cat /tmp/hello.txt)"'
+echo "-- one task per node: each node has its own private /tmp"
+srun -N2 -n2 -l bash -c 'echo "$(hostname) $(date +%N)" > /tmp/from-$(hostname); \
+  dd if=/dev/zero of=/var/tmp/scratch.bin bs=1M count=4 status=none; \
+  echo "on $(hostname): /tmp holds: $(ls /tmp | tr "\\n" " ")  (mounted from $(findmnt -no SOURCE /tmp | tail -n1))"'
 touch ready
 while [ ! -e go ]; do sleep 0.1; done
 """
@@ -34,22 +36,23 @@ def say(text):
 def main():
     if os.geteuid() != 0:
         sys.exit("demo: run as root")
-    clean_leftovers()
-    stack = Stack("demo")
-    say("starting privtmpd and a one-node Slurm cluster (munged, slurmctld, slurmd) on localhost")
-    stack.start()
+    stack = LabStack(nodes=NODES)
     c = stack.cluster
+    say(f"starting a Slurm cluster in namespaces of its own: controller {c.ctl.name} ({c.ctl.ip}), nodes "
+        + ", ".join(f"{m.name} ({m.ip})" for m in c.nodes.values())
+        + "; each with its own hostname, network, /tmp, /run, munged; privtmpd on every node")
+    stack.start()
     try:
-        print(f"privtmpd config:\n  {stack.daemon.text.strip().replace(chr(10), chr(10) + '  ')}")
-        print(f"slurm.conf: Prolog={c.prolog}\n            Epilog={c.epilog}")
+        print(f"privtmpd.conf (every node):\n  {stack.daemon_conf.strip().replace(chr(10), chr(10) + '  ')}")
+        print(f"slurm.conf:     Prolog={c.prolog}\n                Epilog={c.epilog}")
         print(f"plugstack.conf: {c.plugstack_lines[0]}")
         for f in ("ready", "go"):
             try:
                 os.unlink(os.path.join(c.user_dir(USER), f))
             except FileNotFoundError:
                 pass
-        say(f"submitting a batch job as {USER}")
-        jobid, _ = c.sbatch(USER, JOB, args=["-n2"], wait=False)
+        say(f"submitting a two-node batch job as {USER}")
+        jobid, _ = c.sbatch(USER, JOB, args=["-N2", "-n2"], wait=False)
         ready = os.path.join(c.user_dir(USER), "ready")
         deadline = time.monotonic() + 60
         while not os.path.exists(ready):
@@ -57,28 +60,36 @@ def main():
                 raise SystemExit("demo: the job did not start; logs:\n" + c.logs())
             time.sleep(0.1)
         print(open(c.output_path(USER, jobid)).read())
-        jdir = stack.job_dir(jobid)
-        say(f"while job {jobid} runs, the host sees its files under {jdir}")
-        for dirpath, dirs, files in sorted(os.walk(jdir)):
-            for f in files:
-                p = os.path.join(dirpath, f)
-                print(f"  {p}  ({os.path.getsize(p)} bytes)")
-        print(f"  and the host's /tmp has no hello.txt: {not os.path.exists('/tmp/hello.txt')}")
-        say("privtmpctl list (the admin's view)")
-        os.system(f"{sys.executable} -m privtmpd.ctl --config {stack.daemon.conf_path} list")
+        for node in c.nodes:
+            jdir = stack.job_dir(node, jobid)
+            say(f"while job {jobid} runs, node {node} keeps its files in /tmp/slurm.{jobid}.0")
+            for dirpath, dirs, files in sorted(os.walk(jdir)):
+                for f in sorted(files):
+                    p = os.path.join(dirpath, f)
+                    print(f"  {p[len(jdir) - len(f'/tmp/slurm.{jobid}.0'):]}  ({os.path.getsize(p)} bytes)")
+            shared = sorted(os.listdir(stack.node_path(node, "/tmp")))
+            print(f"  {node}'s own /tmp, outside the job, holds only: {' '.join(shared)}")
+        print(f"  this machine's /tmp has no hello.txt: {not os.path.exists('/tmp/hello.txt')}")
+        say("privtmpctl list on n1 (the admin's view)")
+        subprocess.run(c.node("n1").enter([sys.executable, "-m", "privtmpd.ctl", "--config", stack.conf_path,
+                                           "list"], cwd=REPO))
         open(os.path.join(c.user_dir(USER), "go"), "w").close()
         info = c.wait_job(jobid)
-        say(f"job {jobid} ended ({info['state']}); the Epilog tore its namespace down")
-        stack.daemon.wait_removals()
-        print(f"  {jdir} exists: {os.path.exists(jdir)}")
-        print(f"  pin {stack.daemon.pin(jobid)} exists: {os.path.exists(stack.daemon.pin(jobid))}")
-        print(f"  node state: {c.node_state()}")
-        print("  daemon log:")
-        for line in stack.daemon.log().splitlines():
+        say(f"job {jobid} ended ({info['state']}); each node's Epilog tore its namespace down")
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(stack.job_dir(n, jobid)) for n in c.nodes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for node in c.nodes:
+            print(f"  {node}: /tmp/slurm.{jobid}.0 exists: {os.path.exists(stack.job_dir(node, jobid))}; "
+                  f"pin /run/privtmpd/ns/{jobid} exists: "
+                  f"{os.path.exists(stack.node_path(node, f'/run/privtmpd/ns/{jobid}'))}; "
+                  f"state: {c.node_state(node)}")
+        print("  privtmpd's log on n1:")
+        for line in stack.daemon_log("n1").splitlines():
             if f"job={jobid}" in line or "op=remove" in line:
                 print("    " + line)
     finally:
-        say("stopping the cluster and privtmpd")
+        say("stopping the cluster: each machine's processes, mounts and /tmp go with its namespaces")
         stack.stop()
 
 

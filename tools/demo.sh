@@ -1,5 +1,6 @@
 #!/bin/bash
-# The main job: a local one-node Slurm cluster with privtmpd wired in, a
+# The main job: a local Slurm cluster (a controller and two nodes, each in
+# namespaces of its own) with privtmpd wired in, a
 # sample job (as an unprivileged user) that shows its private /tmp, then the
 # cleanup.  Everything it starts is stopped again at the end.
 set -euo pipefail
