@@ -206,6 +206,16 @@ class DaemonProc:
                 pass
 
 
+def wait_for(pred, timeout=60, what="condition"):
+    """Poll pred() until it is true; AssertionError naming what after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def nsenter(pin, *cmd, user=None, check=True):
     """Run cmd inside a pinned namespace (as nsenter(1) would), optionally as user."""
     argv = ["nsenter", f"--mount={pin}", "--"]

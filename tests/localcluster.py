@@ -282,6 +282,7 @@ class LocalCluster:
         self.job_container_conf = job_container_conf
         self.users = tuple(users)
         self.host = short_hostname()
+        self.node_names = [self.host]
         self.conf = os.path.join(self.workdir, "slurm.conf")
         self.plugstack = os.path.join(self.workdir, "plugstack.conf")
         self.statedir = os.path.join(self.workdir, "state")
@@ -535,14 +536,7 @@ class LocalCluster:
                          os.path.join(self.logdir, f"{name}.stderr")):
                 if os.path.exists(path):
                     os.replace(path, path + ".1")
-        # Job ids start again at 1: an output file of an earlier run must
-        # not pass for the output of a new job that never wrote one.
-        for user in self.users:
-            d = self.user_dir(user)
-            if os.path.isdir(d) and not os.path.islink(d):
-                for name in os.listdir(d):
-                    if name.startswith("slurm-") and name.endswith(".out"):
-                        self._unlink(os.path.join(d, name))
+        self.remove_old_outputs()
         self._start_munged()
         try:
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c",
@@ -553,6 +547,16 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def remove_old_outputs(self):
+        """Job ids start again at 1: an output file of an earlier run must
+        not pass for the output of a new job that never wrote one."""
+        for user in self.users:
+            d = self.user_dir(user)
+            if os.path.isdir(d) and not os.path.islink(d):
+                for name in os.listdir(d):
+                    if name.startswith(("slurm-", "array-")) and name.endswith(".out"):
+                        self._unlink(os.path.join(d, name))
 
     def _spawn(self, name, argv):
         err = open(os.path.join(self.logdir, f"{name}.stderr"), "wb")
@@ -648,8 +652,8 @@ class LocalCluster:
         out = self._client([_which("squeue"), "-h", "-o", "%i"]).stdout
         return out.split()
 
-    def node_info(self):
-        out = self.scontrol("-o", "show", "node", self.host)
+    def node_info(self, node=None):
+        out = self.scontrol("-o", "show", "node", node or self.node_names[0])
         info = {}
         for field in out.split():
             k, _, v = field.partition("=")
@@ -659,18 +663,17 @@ class LocalCluster:
             info["Reason"] = out.split("Reason=", 1)[1].strip()
         return info
 
-    def node_state(self):
+    def node_state(self, node=None):
         """Node state as scontrol prints it, e.g. IDLE, MIXED, IDLE+DRAIN."""
-        return self.node_info().get("State", "UNKNOWN")
+        return self.node_info(node).get("State", "UNKNOWN")
 
-    def assert_not_drained(self):
-        info = self.node_info()
-        state = info.get("State", "")
+    def assert_not_drained(self, nodes=None):
         bad = {"DRAIN", "DOWN", "FAIL", "NOT_RESPONDING"}
-        if bad & set(state.replace("*", "").split("+")) or state.endswith("*"):
-            raise AssertionError(
-                f"node {self.host} is {state} (Reason={info.get('Reason')})\n"
-                + self.logs())
+        for node in nodes or self.node_names:
+            info = self.node_info(node)
+            state = info.get("State", "")
+            if bad & set(state.replace("*", "").split("+")) or state.endswith("*"):
+                raise AssertionError(f"node {node} is {state} (Reason={info.get('Reason')})\n" + self.logs())
 
     @staticmethod
     def _idle(state):

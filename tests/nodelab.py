@@ -47,7 +47,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from localcluster import (SBIN_PATH, TEST_USERS, ClusterError,  # noqa: E402
-                          LocalCluster, _cmdline, _proc_name, _tail, _which)
+                          LocalCluster, _cmdline, _kill_and_wait, _proc_name, _tail,
+                          _which)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LABDIR = "/var/lib/privtmpd-test/lab"
@@ -285,6 +286,7 @@ class LabCluster(LocalCluster):
         self.ctl = Machine(self, "ctl", 0)
         self.nodes = {f"n{i}": Machine(self, f"n{i}", i) for i in range(1, nodes + 1)}
         self.host = "ctl"
+        self.node_names = list(self.nodes)
         self._lockfd = None
 
     @property
@@ -351,12 +353,7 @@ class LabCluster(LocalCluster):
         for path in os.listdir(self.logdir):
             if path.endswith((".log", ".stderr")):
                 os.replace(os.path.join(self.logdir, path), os.path.join(self.logdir, path + ".1"))
-        for user in self.users:
-            d = self.user_dir(user)
-            if os.path.isdir(d) and not os.path.islink(d):
-                for name in os.listdir(d):
-                    if name.startswith("slurm-") and name.endswith(".out"):
-                        self._unlink(os.path.join(d, name))
+        self.remove_old_outputs()
         try:
             for m in self.machines:
                 m.start()
@@ -433,17 +430,7 @@ class LabCluster(LocalCluster):
     def stop_process(self, m, marker, timeout=10, sig=signal.SIGTERM):
         """Stop the processes of machine m whose command line holds marker."""
         pids = m.pids(marker)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while any(_proc_name(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in pids:
-            if _proc_name(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_and_wait(pids, timeout=timeout, sig=sig)
         for key, proc in list(self._procs.items()):
             if key.endswith("@" + m.name) and proc.poll() is None:
                 try:
@@ -493,30 +480,8 @@ class LabCluster(LocalCluster):
     def _as_user(self, user, argv):
         return self.ctl.enter(argv, user=user, cwd=self.user_dir(user))
 
-    def node_info(self, node=None):
-        node = node or next(iter(self.nodes))
-        out = self.scontrol("-o", "show", "node", node)
-        info = {}
-        for field in out.split():
-            k, _, v = field.partition("=")
-            info[k] = v
-        if "Reason=" in out:
-            info["Reason"] = out.split("Reason=", 1)[1].strip()
-        return info
-
-    def node_state(self, node=None):
-        return self.node_info(node).get("State", "UNKNOWN")
-
     def node_states(self):
         return {n: self.node_state(n) for n in self.nodes}
-
-    def assert_not_drained(self, nodes=None):
-        bad = {"DRAIN", "DOWN", "FAIL", "NOT_RESPONDING"}
-        for n in nodes or self.nodes:
-            info = self.node_info(n)
-            state = info.get("State", "")
-            if bad & set(state.replace("*", "").split("+")) or state.endswith("*"):
-                raise AssertionError(f"node {n} is {state} (Reason={info.get('Reason')})\n" + self.logs())
 
     def wait_idle(self, timeout=30, jobs=True):
         """Every node idle (no allocation, no Epilog running), and no job

@@ -12,10 +12,10 @@ node with a reason that says why and lets no task run on a shared /tmp."""
 
 import os
 import re
-import time
 
 import pytest
 
+from harness import wait_for
 from nodelab import LabStack
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.usefixtures("node_healthy")]
@@ -29,15 +29,6 @@ def stack():
     s = LabStack(nodes=len(NODES)).start()
     yield s
     s.stop()
-
-
-def _wait_for(pred, timeout=60, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _gate(stack, user, name):
@@ -54,7 +45,7 @@ def _release(path):
 
 
 def _gone_everywhere(stack, job):
-    _wait_for(lambda: not any(os.path.lexists(stack.job_dir(n, job)) for n in NODES), timeout=60,
+    wait_for(lambda: not any(os.path.lexists(stack.job_dir(n, job)) for n in NODES), timeout=60,
               what=f"job {job}'s directories to be removed on every node")
     for n in NODES:
         assert not os.path.lexists(stack.node_path(n, f"/run/privtmpd/ns/{job}")), n
@@ -80,7 +71,7 @@ touch {gate}.ready
 while [ ! -e {gate} ]; do sleep 0.05; done
 """
     job, _ = c.sbatch(U1, script, args=["-N3", "--ntasks-per-node=1"], wait=False)
-    _wait_for(lambda: os.path.exists(gate + ".ready"), what="the job's first step")
+    wait_for(lambda: os.path.exists(gate + ".ready"), what="the job's first step")
     for n in NODES:
         # The host's view of each node: the file is in that node's own job
         # directory, under the default base, and nowhere on the node's /tmp.
@@ -147,7 +138,7 @@ cat /tmp/secret-privtmp1 /tmp/secret-privtmp2 2>/dev/null | sed "s/^/READ $(host
 """
         jobs[user], _ = c.sbatch(user, script, args=["-N3", "--ntasks-per-node=1"], wait=False)
     for user in (U1, U2):
-        _wait_for(lambda: os.path.exists(gates[user] + ".ready"), what=f"{user}'s job")
+        wait_for(lambda: os.path.exists(gates[user] + ".ready"), what=f"{user}'s job")
     # Both jobs run on all three nodes at once.
     for n in NODES:
         for user in (U1, U2):
@@ -176,7 +167,7 @@ while [ ! -e {gate} ]; do sleep 0.05; done
 srun -N3 --ntasks-per-node=1 sh -c 'echo "AFTER $(hostname) $(cat /tmp/kept) $(readlink /proc/self/ns/mnt)"'
 """
     job, _ = c.sbatch(U2, script, args=["-N3", "--ntasks-per-node=1"], wait=False)
-    _wait_for(lambda: os.path.exists(gate + ".ready"), what="the job's first step")
+    wait_for(lambda: os.path.exists(gate + ".ready"), what="the job's first step")
     stopped = stack.stop_daemon("n2")
     assert stopped, "no privtmpd found on n2"
     stack.start_daemon("n2")
@@ -201,9 +192,9 @@ def test_daemon_down_on_one_node_at_job_start(stack):
 srun -N3 --ntasks-per-node=1 sh -c 'echo leaked > /tmp/leak-$(hostname)'
 """
         job, _ = c.sbatch(U1, script, args=["-N3", "--ntasks-per-node=1"], wait=False)
-        _wait_for(lambda: "DRAIN" in c.node_state("n3"), timeout=90, what="n3 to be drained")
+        wait_for(lambda: "DRAIN" in c.node_state("n3"), timeout=90, what="n3 to be drained")
         reason = c.node_info("n3").get("Reason", "")
-        _wait_for(lambda: c.node_info("n3").get("Reason", "").startswith("privtmpd:"), timeout=30,
+        wait_for(lambda: c.node_info("n3").get("Reason", "").startswith("privtmpd:"), timeout=30,
                   what="the drain reason to name privtmpd")
         reason = c.node_info("n3")["Reason"]
         assert f"job {job}" in reason, reason
@@ -240,7 +231,7 @@ echo "TASK $(hostname) $SLURM_ARRAY_TASK_ID $SLURM_JOB_ID $(ls /tmp | tr "\\n" "
             os.unlink(f"{gate}.{i}")
     job, _ = c.sbatch(U2, script, args=[f"--array=1-{tasks}", "-n1", "-o",
                                        os.path.join(c.user_dir(U2), "array-%A_%a.out")], wait=False)
-    _wait_for(lambda: all(os.path.exists(f"{gate}.{i}") for i in range(1, tasks + 1)),
+    wait_for(lambda: all(os.path.exists(f"{gate}.{i}") for i in range(1, tasks + 1)),
               what="every array task to run at once")
     per_node = {n: [d for d in os.listdir(stack.node_path(n, "/tmp")) if d.startswith("slurm.")] for n in NODES}
     assert all(per_node.values()), per_node
@@ -250,7 +241,7 @@ echo "TASK $(hostname) $SLURM_ARRAY_TASK_ID $SLURM_JOB_ID $(ls /tmp | tr "\\n" "
     job_ids = []
     for i in range(1, tasks + 1):
         path = os.path.join(c.user_dir(U2), f"array-{job}_{i}.out")
-        _wait_for(lambda: os.path.exists(path) and "TASK" in open(path).read(), what=f"array task {i}")
+        wait_for(lambda: os.path.exists(path) and "TASK" in open(path).read(), what=f"array task {i}")
         for host, rest in _lines(open(path).read(), "TASK").items():
             task, jobid, files = rest[0].split(" ", 2)
             assert task == str(i)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import Stack
+from harness import Stack, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.usefixtures("node_healthy")]
 
@@ -21,15 +21,6 @@ def stack():
     s = Stack("e2e").start()
     yield s
     s.stop()
-
-
-def _wait_for(pred, timeout=60, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _gate(stack, user, name):
@@ -62,7 +53,7 @@ echo VARTMP: $(ls /var/tmp)
     # An existing, writable TMPDIR from the submit side: Slurm would keep it.
     jobid, _ = c.sbatch(U1, script, args=["-n2"], wait=False, env={"TMPDIR": c.user_dir(U1)})
     jdir = stack.job_dir(jobid)
-    _wait_for(lambda: os.path.exists(f"{jdir}/tmp/batch-file"), what="the job's file on the host")
+    wait_for(lambda: os.path.exists(f"{jdir}/tmp/batch-file"), what="the job's file on the host")
     # On the host the job's files are in $base.$jobid.0/<mount>, owned by the user...
     assert open(f"{jdir}/var_tmp/batch-file").read() == "from-batch\n"
     st = os.stat(f"{jdir}/tmp")
@@ -103,7 +94,7 @@ echo secret > /tmp/secret-a
 while [ ! -e {gate} ]; do sleep 0.05; done
 """, wait=False)
     adir = stack.job_dir(a)
-    _wait_for(lambda: os.path.exists(f"{adir}/tmp/secret-a"), what="job A's file")
+    wait_for(lambda: os.path.exists(f"{adir}/tmp/secret-a"), what="job A's file")
     b = c.srun(U2, ["sh", "-c", f"ls -A /tmp; cat {adir}/tmp/secret-a; ls {adir}; echo done"])
     _release(gate)
     assert b.returncode == 0, b.stderr
@@ -124,10 +115,10 @@ if [ "$SLURM_RESTART_COUNT" = "" ] || [ "$SLURM_RESTART_COUNT" = 0 ]; then
 fi
 """
     jobid, _ = c.sbatch(U1, script, args=["--requeue", "--open-mode=append"], wait=False)
-    _wait_for(lambda: os.path.exists(f"{stack.job_dir(jobid, 0)}/tmp/marker"), what="run 0's marker")
+    wait_for(lambda: os.path.exists(f"{stack.job_dir(jobid, 0)}/tmp/marker"), what="run 0's marker")
     c.scontrol("requeue", jobid)
     # A requeued job waits ~120 s before it may start again; skip that.
-    _wait_for(lambda: c.job_state(jobid) == "PENDING", what="the requeue")
+    wait_for(lambda: c.job_state(jobid) == "PENDING", what="the requeue")
     time.sleep(3)   # let slurmd's credential-cache scan pass (NOTES: Prolog skipped within ~2 s)
     c.scontrol("update", f"jobid={jobid}", "starttime=now")
     info = c.wait_job(jobid, timeout=120)
@@ -155,11 +146,11 @@ def test_job_without_namespace_fails_instead_of_using_host_tmp(stack):
     assert not os.path.exists("/tmp/leak-check")
     assert "DRAIN" in c.node_state().upper(), c.node_info()
     # sinfo -R names the problem, not only Slurm's "Prolog error".
-    _wait_for(lambda: "privtmpd: job" in c.node_info().get("Reason", ""), what="privtmpd's drain reason",
+    wait_for(lambda: "privtmpd: job" in c.node_info().get("Reason", ""), what="privtmpd's drain reason",
               timeout=20)
     assert "privtmpd" in subprocess.run(["sinfo", "-R", "-h"], env=c.env(), capture_output=True,
                                         text=True).stdout
     c.scontrol("update", f"nodename={c.host}", "state=resume")
     # slurmctld flags a resumed node NOT_RESPONDING until its next ping.
     c.scontrol("reconfigure")
-    _wait_for(lambda: "NOT_RESPONDING" not in c.node_info().get("State", ""), what="the node to respond")
+    wait_for(lambda: "NOT_RESPONDING" not in c.node_info().get("State", ""), what="the node to respond")
