@@ -205,7 +205,16 @@ def _jobs(cfg, op, job=None, usage=True):
     now = time.time()
     progress = Progress()
     for j in reply["jobs"]:
-        if usage and j.get("dir"):
+        if usage and j.get("dir") and j.get("used") is not None:
+            # A limit= job: what it wrote is inside its own filesystem, whose
+            # usage the daemon read with statvfs.  Walking the job directory
+            # would count the image file, all of it under limit_reserve=yes.
+            # ("/." : the walk never crosses into another mount, so it starts
+            # at the filesystem's root instead of entering it from the job dir.)
+            _, j["entries"] = tree_usage(f"{j['dir']}/{namespace.LIMITED_FS}/.", progress=progress,
+                                         label=f"job {j['job']}")
+            j["bytes"] = j["used"]
+        elif usage and j.get("dir"):
             j["bytes"], j["entries"] = tree_usage(j["dir"], progress=progress, label=f"job {j['job']}")
         else:
             j["bytes"], j["entries"] = None, None

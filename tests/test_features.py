@@ -271,6 +271,25 @@ def test_limit_reserve_allocates_images_until_the_disk_is_promised(daemon_factor
 
 
 @root
+def test_list_shows_what_a_limited_job_wrote_not_its_reserved_image(daemon_factory):
+    """limit_reserve=yes allocates the 64 MB image in full; `list` must
+    still show the 20 MiB the job wrote (it showed 60.0M of 64.0M)."""
+    d = daemon_factory("limit=64m limit_reserve=yes")
+    assert d.create(94)["ok"]
+    nsenter(d.pin(94), "sh", "-c", "dd if=/dev/zero of=/tmp/data bs=1M count=20 status=none; "
+            "touch /tmp/a /var/tmp/b", user="65534")
+    row = [line.split() for line in ctl(d.conf_path, "list").stdout.splitlines() if line.startswith("94 ")]
+    assert row, ctl(d.conf_path, "list").stdout
+    size, of, limit, files = row[0][4:8]
+    assert of == "of" and limit == "64.0M", row
+    assert size.endswith("M") and 20 <= float(size[:-1]) < 28, row
+    # tmp/, var_tmp/, data, a, b (and the filesystem's lost+found)
+    assert 5 <= int(files) <= 6, row
+    d.destroy(94)
+    d.wait_removals()
+
+
+@root
 def test_limit_with_keep_failed_keeps_the_filesystem_readable(daemon_factory):
     d = daemon_factory("limit=16m keep_failed=3s")
     d.create(93)
