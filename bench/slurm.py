@@ -224,7 +224,7 @@ def _aggregate(per_round, daemon_ops):
             s[m + "_overhead"] = summary(over)
         out["summary"][name] = s
     for m, get in metrics.items():
-        def ratio(num, den, base="bare"):
+        def ratio(num, den, base="bare", get=get):
             vals = []
             for r in per_round:
                 d = get(r[den]) - get(r[base])

@@ -333,8 +333,8 @@ def _check_no_symlinks(path, what):
 
 
 def check_filesystem(cfg):
-    """Start-up checks against the running system; returns warnings."""
-    warnings = []
+    """Start-up checks against the running system: ConfigError naming the
+    line and the fix when one fails."""
     for m in cfg.mounts:
         missing = _check_no_symlinks(m, f"mount={m}")
         if missing:
@@ -343,11 +343,6 @@ def check_filesystem(cfg):
     missing = _check_no_symlinks(cfg.base_parent, f"{where}: base={cfg.base}")
     if missing:
         raise ConfigError(f"{where}: base={cfg.base}: {missing} does not exist; create it (root-owned, 0755)")
-    # Each ancestor of the job directories must be root's: a user who can
-    # rename an ancestor can redirect where the job's /tmp lands.  A
-    # world-writable parent is acceptable only with the sticky bit (/tmp),
-    # because then nobody but root can rename or remove our root-owned
-    # job directories in it.
     if cfg.limit_from:
         from .tmprequest import squeue_path
         if not squeue_path():
@@ -356,6 +351,11 @@ def check_filesystem(cfg):
     if cfg.limit and not mkfs_path():
         raise ConfigError(f"{cfg.lines.get('limit', cfg.source)}: limit= needs mkfs.ext4 "
                           f"(apt-get install e2fsprogs / dnf install e2fsprogs)")
+    # Each ancestor of the job directories must be root's: a user who can
+    # rename an ancestor can redirect where the job's /tmp lands.  A
+    # world-writable parent is acceptable only with the sticky bit (/tmp),
+    # because then nobody but root can rename or remove our root-owned
+    # job directories in it.
     _check_root_owned(cfg.base_parent, f"{where}: base={cfg.base}", "above the job directories")
     # The same for the parents of each mount point: a user who can rename
     # one could make the Prolog fail, or have the job's directory bound
@@ -363,7 +363,6 @@ def check_filesystem(cfg):
     for m in cfg.mounts:
         parent = m.rpartition("/")[0] or "/"
         _check_root_owned(parent, f"{cfg.lines.get(f'mount={m}', cfg.source)}: mount={m}", f"above {m}")
-    return warnings
 
 
 def _check_root_owned(path, what, role):

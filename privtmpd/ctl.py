@@ -15,57 +15,14 @@ import sys
 import time
 
 from . import __version__, config, kernel, names, namespace, safefs
+from .install import hook_path, plugstack_line, spank_path
 from .client import DEFAULT_SOCKET, ClientError, request
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-_SRC_TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Stable locations that packages (see packaging/privtmpd.spec) give the hooks
-# and the entry helper, so slurm.conf and plugstack.conf survive a Python
-# upgrade that moves site-packages.
-LIBEXEC_DIRS = ("/usr/libexec/privtmpd",)
-SPANK_DIRS = ("/usr/lib64/privtmpd", "/usr/lib/privtmpd", "/usr/local/lib/privtmpd")
-
-
 class CtlError(Exception):
     def __init__(self, message, code=EXIT_FAIL):
         super().__init__(message)
         self.code = code
-
-
-# --- where things are installed -------------------------------------------
-
-def _package_hook(kind):
-    try:
-        from . import hooks
-        here = os.path.dirname(os.path.abspath(hooks.__file__))
-    except ImportError:
-        here = os.path.join(_SRC_TOP, "scripts")     # running from a source checkout
-    return os.path.join(here, f"{kind}.py")
-
-
-def hook_path(kind):
-    """Absolute path of the Prolog/Epilog script of this installation."""
-    pkg = _package_hook(kind)
-    for d in LIBEXEC_DIRS:
-        cand = os.path.join(d, f"{kind}.py")
-        if os.path.exists(cand) and os.path.realpath(cand) == os.path.realpath(pkg):
-            return cand
-    return pkg
-
-
-def spank_path():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in ([os.path.join(d, "privtmpd_spank.so") for d in SPANK_DIRS]
-                 + [os.path.join(here, "lib", "privtmpd_spank.so"),
-                    os.path.join(_SRC_TOP, "spank", "privtmpd_spank.so")]):
-        if os.path.exists(cand):
-            return cand
-    return None
-
-
-def plugstack_line(cfg, so=None):
-    args = f"rundir={cfg.rundir} tmpdir={cfg.tmpdir_value}"
-    return f"required {so or spank_path() or '/usr/lib64/privtmpd/privtmpd_spank.so'} {args}"
 
 
 # --- helpers ---------------------------------------------------------------
@@ -488,17 +445,17 @@ def _wait_removals(cfg, timeout=None):
 
 
 def cmd_config_check(cfg, args):
-    warnings = config.check_filesystem(cfg)
+    config.check_filesystem(cfg)
     if args.json:
-        return _print_json({"source": cfg.source, "valid": True, "warnings": warnings, "base": cfg.base,
+        # (warnings: kept in the JSON for scripts that read it; every
+        # problem check_filesystem finds is an error.)
+        return _print_json({"source": cfg.source, "valid": True, "warnings": [], "base": cfg.base,
                             "mounts": list(cfg.mounts), "rundir": cfg.rundir, "socket": cfg.socket_path,
                             "mode": oct(cfg.mode), "shm": cfg.shm or "no", "tmpdir": cfg.tmpdir_value,
                             "remove_workers": cfg.remove_workers, "kill_timeout": cfg.kill_timeout,
                             "count_bytes": cfg.count_bytes, "limit": cfg.limit or None,
                             "limit_reserve": cfg.limit_reserve,
                             "metrics_dir": cfg.metrics_dir or None})
-    for w in warnings:
-        print(f"warning: {w}")
     print(f"{cfg.source}: OK: base={cfg.base} mounts={','.join(cfg.mounts)} rundir={cfg.rundir} "
           f"mode={cfg.mode:04o} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}")
 

@@ -319,7 +319,7 @@ class Doctor:
             self.add("slurm paths", OK, "SlurmdSpoolDir, slurm.conf and plugstack.conf stay visible inside jobs")
 
     def _check_hook(self, kind, value, slurm_conf):
-        from .ctl import hook_path
+        from .install import hook_path
         name, key = f"slurm.conf {kind.title()}", kind.title()
         want = hook_path(kind)
         fix_lines = "privtmpctl slurm-config prints the lines for this installation"
@@ -374,7 +374,7 @@ class Doctor:
         return "" if b"\0" in data else data.decode("utf-8", "replace")
 
     def _check_plugstack(self, ps):
-        from .ctl import plugstack_line, spank_path
+        from .install import plugstack_line, spank_path
         cfg = self.cfg
         ours = spank_path()
         try:

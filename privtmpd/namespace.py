@@ -240,8 +240,9 @@ def _mount_flags_of(fd):
     write; nosuid and nodev are always added."""
     f = os.statvfs(f"/proc/self/fd/{fd}").f_flag
     flags = kernel.MS_NOSUID | kernel.MS_NODEV
-    for st_bit, ms_bit in ((os.ST_RDONLY, 1), (os.ST_NOEXEC, kernel.MS_NOEXEC),
-                           (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048), (os.ST_RELATIME, 1 << 21)):
+    for st_bit, ms_bit in ((os.ST_RDONLY, kernel.MS_RDONLY), (os.ST_NOEXEC, kernel.MS_NOEXEC),
+                           (os.ST_NOATIME, kernel.MS_NOATIME), (os.ST_NODIRATIME, kernel.MS_NODIRATIME),
+                           (os.ST_RELATIME, kernel.MS_RELATIME)):
         if f & st_bit:
             flags |= ms_bit
     return flags

@@ -16,8 +16,6 @@ import json
 from . import names
 
 MAX_REQUEST = 4096
-MAX_REPLY = 16 * 1024 * 1024
-PROTOCOL_VERSION = 1
 
 
 class ProtocolError(ValueError):

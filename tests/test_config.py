@@ -324,7 +324,7 @@ def test_check_filesystem_accepts_sticky_world_writable_parent(tree):
     parent.mkdir()
     os.chmod(parent, 0o1777)
     cfg = parse(f"base={parent}/job\nmount=/tmp\n")
-    assert config.check_filesystem(cfg) == []
+    assert config.check_filesystem(cfg) is None
 
 
 @pytest.mark.root

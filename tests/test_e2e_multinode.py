@@ -138,7 +138,7 @@ cat /tmp/secret-privtmp1 /tmp/secret-privtmp2 2>/dev/null | sed "s/^/READ $(host
 """
         jobs[user], _ = c.sbatch(user, script, args=["-N3", "--ntasks-per-node=1"], wait=False)
     for user in (U1, U2):
-        wait_for(lambda: os.path.exists(gates[user] + ".ready"), what=f"{user}'s job")
+        wait_for(lambda gate=gates[user]: os.path.exists(gate + ".ready"), what=f"{user}'s job")
     # Both jobs run on all three nodes at once.
     for n in NODES:
         for user in (U1, U2):
@@ -241,7 +241,7 @@ echo "TASK $(hostname) $SLURM_ARRAY_TASK_ID $SLURM_JOB_ID $(ls /tmp | tr "\\n" "
     job_ids = []
     for i in range(1, tasks + 1):
         path = os.path.join(c.user_dir(U2), f"array-{job}_{i}.out")
-        wait_for(lambda: os.path.exists(path) and "TASK" in open(path).read(), what=f"array task {i}")
+        wait_for(lambda path=path: os.path.exists(path) and "TASK" in open(path).read(), what=f"array task {i}")
         for host, rest in _lines(open(path).read(), "TASK").items():
             task, jobid, files = rest[0].split(" ", 2)
             assert task == str(i)

@@ -213,7 +213,7 @@ def _mk_cgroup(top, job):
 
 
 def _rm_cgroup(root):
-    for dirpath, dirs, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+    for dirpath, _dirs, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
         try:
             os.rmdir(dirpath)
         except OSError:

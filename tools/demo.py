@@ -63,7 +63,7 @@ def main():
         for node in c.nodes:
             jdir = stack.job_dir(node, jobid)
             say(f"while job {jobid} runs, node {node} keeps its files in /tmp/slurm.{jobid}.0")
-            for dirpath, dirs, files in sorted(os.walk(jdir)):
+            for dirpath, _dirs, files in sorted(os.walk(jdir)):
                 for f in sorted(files):
                     p = os.path.join(dirpath, f)
                     print(f"  {p[len(jdir) - len(f'/tmp/slurm.{jobid}.0'):]}  ({os.path.getsize(p)} bytes)")
