@@ -14,7 +14,7 @@ import pwd
 import sys
 import time
 
-from . import __version__, config, kernel, names, namespace, safefs
+from . import __version__, config, kernel, names, namespace, runstate, safefs
 from .install import hook_path, plugstack_line, spank_path
 from .client import DEFAULT_SOCKET, ClientError, request
 
@@ -262,7 +262,7 @@ def cmd_enter(cfg, args):
     pin = names.pin_path(cfg.rundir, job)
     ident = None
     if args.user:
-        st = namespace.read_state(cfg, job) or {}
+        st = runstate.read_state(cfg, job) or {}
         if type(st.get("uid")) is not int or type(st.get("gid")) is not int:
             raise CtlError(f"job {job}: no state file with its uid and gid in {cfg.rundir}/jobs; "
                            f"enter it as root (without --user)")

@@ -31,7 +31,7 @@ import struct
 import sys
 import time
 
-from . import __version__, config, kernel, names, namespace, proc, protocol, safefs
+from . import __version__, config, kernel, names, namespace, proc, protocol, runstate, safefs
 from .logfmt import describe, event
 from .metrics import Metrics
 
@@ -115,7 +115,7 @@ class Daemon:
         """Everything that can fail for a configuration or system reason,
         done before the daemon detaches or reports ready."""
         config.check_filesystem(self.cfg)
-        namespace.setup_rundir(self.cfg)
+        runstate.setup_rundir(self.cfg)
         self.reconcile()
         self.listener = self._bind()
 
@@ -158,20 +158,20 @@ class Daemon:
         cfg = self.cfg
         t0 = time.monotonic()
         live = {}
-        for name in namespace.remove_stale_temp_states(cfg):
+        for name in runstate.remove_stale_temp_states(cfg):
             log.warning(event("recover", "stale-state-removed", file=name))
-        for job, st in namespace.all_states(cfg).items():
-            ident = namespace.pin_identity(cfg, job)
-            if st and st.get("state") == namespace.STATE_READY and ident and list(ident) == st.get("ns"):
+        for job, st in runstate.all_states(cfg).items():
+            ident = runstate.pin_identity(cfg, job)
+            if st and st.get("state") == runstate.STATE_READY and ident and list(ident) == st.get("ns"):
                 live[job] = st
                 continue
             log.warning(event("recover", "rollback", job, _user(st), state=(st or {}).get("state", "unreadable"),
                               pin="live" if ident else "none"))
             namespace.destroy(cfg, job, on_trash=self.queue_removal)
-        for pin in namespace.list_pins(cfg):
+        for pin in runstate.list_pins(cfg):
             if pin not in live:
                 log.warning(event("recover", "unpin-orphan", pin))
-                namespace.unpin(cfg, pin)
+                runstate.unpin(cfg, pin)
         self._sweep_base(live)
         self.check_kept()
         self.metrics.set_active(len(live))
@@ -457,12 +457,12 @@ class Daemon:
         if op == "create":
             job, restart = f["job"], f["restart"]
             self.req_user = f.get("user") or f["uid"]
-            st = namespace.read_state(cfg, job)
-            ident = namespace.pin_identity(cfg, job)
+            st = runstate.read_state(cfg, job)
+            ident = runstate.pin_identity(cfg, job)
             # Same job, run, owner and pinned namespace: a duplicate Prolog.
             # A namespace left by an earlier job with this id (missed
             # Epilog, then job ids wrapped) must never go to another user.
-            if (st and st.get("state") == namespace.STATE_READY and st.get("restart") == restart
+            if (st and st.get("state") == runstate.STATE_READY and st.get("restart") == restart
                     and st.get("uid") == f["uid"] and st.get("gid") == f["gid"]
                     and ident and list(ident) == st.get("ns")):
                 return protocol.ok(job=job, dir=st["dir"], existing=True)
@@ -489,7 +489,7 @@ class Daemon:
                                   "sparse, and the job may get EIO before its limit if the disk fills up"))
             return protocol.ok(job=job, dir=st["dir"], existing=False)
         if op == "destroy":
-            self.req_user = _user(namespace.read_state(cfg, f["job"]))
+            self.req_user = _user(runstate.read_state(cfg, f["job"]))
             code = f.get("exit_code", 0)
             keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
             info = namespace.destroy(cfg, f["job"], restart_hint=f.get("restart"), on_trash=self.queue_removal,
@@ -510,16 +510,16 @@ class Daemon:
             rss, fds = self.footprint()
             return protocol.ok(version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
                                rss_bytes=rss, open_fds=fds,
-                               config=_config_dict(cfg), jobs=len(namespace.list_pins(cfg)),
+                               config=_config_dict(cfg), jobs=len(runstate.list_pins(cfg)),
                                removals_queued=len(self.removals) + len(self.deferred),
                                removals_running=len(self.workers))
         if op in ("list", "show"):
             jobs = []
-            for job, st in sorted(namespace.all_states(cfg).items()):
+            for job, st in sorted(runstate.all_states(cfg).items()):
                 if op == "show" and job != f["job"]:
                     continue
                 st = dict(st or {"job": job, "state": "unreadable"})
-                ident = namespace.pin_identity(cfg, job)
+                ident = runstate.pin_identity(cfg, job)
                 st["pinned"] = bool(ident)
                 st["processes"] = proc.processes_in(ident) if ident else []
                 if st.get("limit") and isinstance(st.get("dir"), str):
@@ -564,8 +564,8 @@ class Daemon:
         cfg = self.cfg
         jobs, skipped = [], []
         if job is not None:
-            st = namespace.read_state(cfg, job)
-            ident = namespace.pin_identity(cfg, job)
+            st = runstate.read_state(cfg, job)
+            ident = runstate.pin_identity(cfg, job)
             dirs = self._job_dirs(job)
             self.req_user = _user(st)
             if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)) or dirs:
@@ -576,10 +576,10 @@ class Daemon:
             orphans = []
         else:
             live = {}
-            states = namespace.all_states(cfg)
+            states = runstate.all_states(cfg)
             for j, st in states.items():
-                ident = namespace.pin_identity(cfg, j)
-                if st and st.get("state") == namespace.STATE_READY and ident and list(ident) == st.get("ns"):
+                ident = runstate.pin_identity(cfg, j)
+                if st and st.get("state") == runstate.STATE_READY and ident and list(ident) == st.get("ns"):
                     live[j] = st
                     continue
                 item = {"job": j, "user": _user(st), "state": (st or {}).get("state", "unreadable"),
@@ -587,9 +587,9 @@ class Daemon:
                         "dirs": [f"{cfg.base_parent}/{d}" for d in self._job_dirs(j)],
                         "reason": f"state {(st or {}).get('state', 'unreadable')!r} without its live namespace"}
                 (skipped if item["processes"] else jobs).append(item)
-            for pin in namespace.list_pins(cfg):
+            for pin in runstate.list_pins(cfg):
                 if pin not in states and isinstance(pin, int):
-                    ident = namespace.pin_identity(cfg, pin)
+                    ident = runstate.pin_identity(cfg, pin)
                     item = {"job": pin, "user": None, "state": None, "pinned": bool(ident),
                             "processes": proc.processes_in(ident) if ident else [], "dirs": [],
                             "reason": "pin without a state file"}
@@ -613,7 +613,7 @@ class Daemon:
                 item["killed"] = info["killed"]
                 log.warning(event("teardown", "ok", item["job"], item["user"], reason=item["reason"],
                                   killed=",".join(map(str, info["killed"])), dirs=",".join(item["dirs"])))
-            self.metrics.set_active(len(namespace.list_pins(cfg)))
+            self.metrics.set_active(len(runstate.list_pins(cfg)))
         if orphans is None:
             orphans = self._sweep_base(live, dry_run)
         return protocol.ok(dry_run=dry_run, jobs=jobs, orphans=orphans, skipped=skipped)
@@ -919,7 +919,7 @@ class Daemon:
         """Gauges read from the system, set just before the metrics file is
         written (at most once a second), not per request: listing the pins
         and /proc/self/fd cost each job ~0.3 ms of CPU."""
-        self.metrics.set_active(len(namespace.list_pins(self.cfg)))
+        self.metrics.set_active(len(runstate.list_pins(self.cfg)))
         self.metrics.set("privtmpd_removals_pending", len(self.removals) + len(self.workers) + len(self.deferred))
         rss, fds = self.footprint()
         if rss is not None:
@@ -1113,7 +1113,7 @@ def main(argv=None):
         if not args.foreground and not _pidfile_stale(args.pidfile):
             raise RuntimeError(f"already running (pid file {args.pidfile})")
         d.startup()
-    except (config.ConfigError, RuntimeError, namespace.NamespaceError, OSError) as e:
+    except (config.ConfigError, RuntimeError, namespace.NamespaceError, runstate.RunDirError, OSError) as e:
         print(f"privtmpd: {describe(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 1
     if args.foreground:

@@ -10,199 +10,22 @@ in the host mount namespace, one request at a time:
               points, opens its /proc/thread-self/ns/mnt and ends
            4. bind-mount that fd's namespace onto <rundir>/ns/J (the pin),
               record state "ready"
-  destroy  kill what is left in the namespace, unpin, rename $base.J.* out
+  destroy  kill what is left in the namespace, runstate.unpin, rename $base.J.* out
            of the way (O(1)); the daemon removes the renamed trees later.
 
-The pin keeps the namespace alive with no process in it.  The pin
-directory is a private mount: a bind of an nsfs file onto a file on a
-shared mount fails with EINVAL, and a shared pin dir would propagate pins
-into other namespaces.
+The pin keeps the namespace alive with no process in it (runstate).
 """
 
 import errno
-import json
 import os
-import stat
 import threading
 import time
 
-from . import kernel, names, proc, safefs
+from . import kernel, names, proc, runstate, safefs
 from .kernel import KernelError
-
-STATE_CREATING = "creating"
-STATE_READY = "ready"
-
 
 class NamespaceError(Exception):
     """Creating or entering a namespace failed; message is for the admin."""
-
-
-# --- run directory -------------------------------------------------------
-
-def _secure_dir(path):
-    """mkdir -m 0700 path (root's), refusing a symlink or a foreign owner."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-        raise NamespaceError(f"{path} exists but is not a root-owned directory; remove it and restart privtmpd")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-
-
-def setup_rundir(cfg):
-    """rundir/ (0700 root) with ns/ (private mount, holds pins) and jobs/ (state)."""
-    parent = os.path.dirname(cfg.rundir)
-    os.makedirs(parent, 0o755, exist_ok=True)
-    _secure_dir(cfg.rundir)
-    nsdir = f"{cfg.rundir}/ns"
-    _secure_dir(nsdir)
-    _secure_dir(f"{cfg.rundir}/jobs")
-    if not proc.is_mountpoint(nsdir):
-        kernel.mount(nsdir, nsdir, None, kernel.MS_BIND)
-    make_pin_dir_private(cfg)
-
-
-def make_pin_dir_private(cfg):
-    # Re-asserted before every pin: any tool that runs `mount --make-rshared /`
-    # turns the pin directory shared again.
-    kernel.mount(None, f"{cfg.rundir}/ns", None, kernel.MS_PRIVATE)
-
-
-# --- state files ---------------------------------------------------------
-
-def write_state(cfg, job, state):
-    """Replace the job's state file atomically (temporary file + rename).
-
-    No fsync: the rename alone survives a crash of the daemon (the page
-    cache does), and what survives a power loss or a kernel crash does not
-    need it: pins and namespaces are gone then too, and reconcile() rolls
-    back every job whose state is missing, unreadable or does not match its
-    pin, and sweeps directories no live job owns.  (Two fsyncs cost every
-    job ~0.9 ms on a disk-backed /run.)"""
-    path = names.state_path(cfg.rundir, job)
-    tmp = f"{path}.tmp"
-    data = json.dumps(state).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def remove_stale_temp_states(cfg):
-    """Remove the temporary files of state writes a crash interrupted
-    (<job>.json.tmp): no job ever reads them, and nothing else would.
-    Returns their names."""
-    jobs = f"{cfg.rundir}/jobs"
-    gone = []
-    for name in os.listdir(jobs):
-        if name.endswith(".json.tmp"):
-            try:
-                os.unlink(f"{jobs}/{name}")
-                gone.append(name)
-            except FileNotFoundError:
-                pass
-    return gone
-
-
-def read_state(cfg, job):
-    try:
-        with open(names.state_path(cfg.rundir, job), encoding="utf-8") as f:
-            state = json.load(f)
-        return state if isinstance(state, dict) else None
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def remove_state(cfg, job):
-    try:
-        os.unlink(names.state_path(cfg.rundir, job))
-    except FileNotFoundError:
-        pass
-
-
-def all_states(cfg):
-    """{job: state} for every state file (unparsable ones map to None)."""
-    out = {}
-    for name in os.listdir(f"{cfg.rundir}/jobs"):
-        if name.endswith(".json"):
-            try:
-                job = names.parse_job_id(name[:-5])
-            except names.BadName:
-                continue
-            out[job] = read_state(cfg, job)
-    return out
-
-
-# --- pins ----------------------------------------------------------------
-
-def pin_identity(cfg, job):
-    """(st_dev, st_ino) of the live mount namespace pinned for job, or None
-    when there is no pin or it is a plain file (unmounted, stale)."""
-    try:
-        fd = os.open(names.pin_path(cfg.rundir, job), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        if kernel.ns_type(fd) != kernel.CLONE_NEWNS:
-            return None
-        st = os.fstat(fd)
-        return (st.st_dev, st.st_ino)
-    finally:
-        os.close(fd)
-
-
-def list_pins(cfg):
-    out = []
-    for name in os.listdir(f"{cfg.rundir}/ns"):
-        try:
-            out.append(names.parse_job_id(name))
-        except names.BadName:
-            out.append(name)
-    return out
-
-
-def unpin(cfg, job):
-    """Unmount (all stacked binds of) and remove the pin.  Idempotent."""
-    pin = names.pin_path(cfg.rundir, job) if isinstance(job, int) else f"{cfg.rundir}/ns/{job}"
-    for _ in range(64):
-        try:
-            kernel.umount2(pin, kernel.MNT_DETACH | kernel.UMOUNT_NOFOLLOW)
-        except KernelError as e:
-            if e.errno in (errno.EINVAL, errno.ENOENT):
-                break
-            raise
-    try:
-        os.unlink(pin)
-    except FileNotFoundError:
-        pass
-
-
-def _pin(cfg, job, nsfd):
-    """Bind the namespace open on nsfd onto the job's pin file."""
-    pin = names.pin_path(cfg.rundir, job)
-    unpin(cfg, job)
-    make_pin_dir_private(cfg)
-    fd = os.open(pin, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
-    os.close(fd)
-    kernel.mount(f"/proc/self/fd/{nsfd}", pin, None, kernel.MS_BIND)
-    expect = os.fstat(nsfd)
-    if pin_identity(cfg, job) != (expect.st_dev, expect.st_ino):
-        unpin(cfg, job)
-        raise NamespaceError(f"pin {pin} does not hold the job's new namespace after mounting it")
 
 
 # --- create --------------------------------------------------------------
@@ -225,12 +48,12 @@ def _build_and_pin(cfg, job, binds, timeout):
     for cpu in [None] + cpus:
         nsfd = build_namespace(binds, cfg.shm, timeout, cpu)
         try:
-            _pin(cfg, job, nsfd)
+            runstate.pin(cfg, job, nsfd)
             return
         except KernelError as e:
             if e.errno != errno.EINVAL or cpu == cpus[-1]:
                 raise
-            unpin(cfg, job)
+            runstate.unpin(cfg, job)
         finally:
             os.close(nsfd)
 
@@ -445,11 +268,11 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
     dpath = f"{cfg.base_parent}/{dname}"
     state = {"job": job, "restart": restart, "uid": uid, "gid": gid, "user": user,
              "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
-             "created": time.time(), "state": STATE_CREATING}
+             "created": time.time(), "state": runstate.STATE_CREATING}
     limit = cfg.limit if limit is None else limit
     if limit:
         state["limit"] = limit
-    write_state(cfg, job, state)
+    runstate.write_state(cfg, job, state)
     pfd = safefs.open_dir(cfg.base_parent)
     try:
         placement = safefs.create_job_dir(pfd, dname, [] if limit else [sub for _, sub in plan],
@@ -466,9 +289,9 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
                                                                 limit)
     binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
     _build_and_pin(cfg, job, binds, timeout)
-    state["ns"] = list(pin_identity(cfg, job))
-    state["state"] = STATE_READY
-    write_state(cfg, job, state)
+    state["ns"] = list(runstate.pin_identity(cfg, job))
+    state["state"] = runstate.STATE_READY
+    runstate.write_state(cfg, job, state)
     return state
 
 
@@ -486,8 +309,8 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     (keep_failed=) instead of removing them."""
     info = {"job": job, "killed": [], "cgroups": [], "unpinned": False, "dirs": [], "kept": [],
             "keep_errors": []}
-    state = read_state(cfg, job) or {}
-    ns_id = pin_identity(cfg, job)
+    state = runstate.read_state(cfg, job) or {}
+    ns_id = runstate.pin_identity(cfg, job)
     if ns_id and isinstance(state.get("ns"), list) and list(ns_id) != state["ns"]:
         # The pin was replaced by hand with some other namespace: never
         # kill into a namespace that is not the job's.
@@ -496,7 +319,7 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
         top = f"{state['dir']}/{LIMITED_FS}" if state.get("limit") else state["dir"]
         subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
-    if ns_id or (subdirs and state.get("state") == STATE_READY):
+    if ns_id or (subdirs and state.get("state") == runstate.STATE_READY):
         # Without a pin (unmounted by someone), the job's namespace lives on
         # as long as a process is in it: those are found by the job's
         # directories mounted in their namespace.
@@ -509,7 +332,7 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         except proc.StillRunning as e:
             raise NamespaceError(str(e)) from None
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
-        unpin(cfg, job)
+        runstate.unpin(cfg, job)
         info["unpinned"] = True
     restarts = set()
     if isinstance(state.get("restart"), int):
@@ -533,7 +356,7 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
                     on_trash(cfg.base_parent, tname)
     finally:
         os.close(pfd)
-    remove_state(cfg, job)
+    runstate.remove_state(cfg, job)
     return info
 
 

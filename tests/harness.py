@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from privtmpd import client, config, namespace  # noqa: E402
+from privtmpd import client, config, runstate  # noqa: E402
 
 # Everything the tests create lives under these, so leftovers of an
 # interrupted run are found and removed by the next one.
@@ -193,8 +193,8 @@ class DaemonProc:
         self.kill()
         cfg = self.cfg
         if os.path.isdir(f"{self.rundir}/ns"):
-            for job in namespace.list_pins(cfg):
-                namespace.unpin(cfg, job)
+            for job in runstate.list_pins(cfg):
+                runstate.unpin(cfg, job)
         for top in (self.rundir, self.base_parent):
             if os.path.isdir(top):
                 _umount_under(top)

@@ -10,7 +10,7 @@ import time
 import psutil
 
 from harness import REPO
-from privtmpd import namespace
+from privtmpd import runstate
 
 USER = 65534
 USER_PY = "/usr/bin/python3"        # readable by nobody, unlike a pyenv under /root
@@ -90,14 +90,14 @@ def state_files(d):
 
 
 def pins(d):
-    return sorted(str(p) for p in namespace.list_pins(d.cfg))
+    return sorted(str(p) for p in runstate.list_pins(d.cfg))
 
 
 def live(d, job):
     """Job is fully there: state ready, pin holding the recorded namespace,
     its directory in place, and a process entering the pin sees it."""
-    st = namespace.read_state(d.cfg, job)
-    ident = namespace.pin_identity(d.cfg, job)
+    st = runstate.read_state(d.cfg, job)
+    ident = runstate.pin_identity(d.cfg, job)
     if not (st and st.get("state") == "ready" and ident and list(ident) == st.get("ns")):
         return False
     inside = subprocess.run(["nsenter", f"--mount={d.pin(job)}", "--", "stat", "-c", "%d:%i", "/tmp"],
@@ -108,7 +108,7 @@ def live(d, job):
 
 def gone(d, job):
     """Nothing of job is left: no pin (file or mount), no state, no directory."""
-    return (not os.path.lexists(d.pin(job)) and namespace.read_state(d.cfg, job) is None
+    return (not os.path.lexists(d.pin(job)) and runstate.read_state(d.cfg, job) is None
             and not [m for m in mounts_under(d.pin(job))]
             and not [n for n in job_entries(d) if n.startswith((f"job.{job}.", f".job.{job}."))])
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from conftest import TEST_BASE_PARENT, TEST_RUN, nsenter
-from privtmpd import kernel, namespace
+from privtmpd import kernel, runstate
 
 pytestmark = pytest.mark.root
 
@@ -362,14 +362,14 @@ def test_restart_recovers_half_made_job(daemon):
     start rolls the job back instead of trusting it."""
     cfg = daemon.cfg
     assert daemon.create(221)["ok"]
-    state = namespace.read_state(cfg, 221)
-    state["state"] = namespace.STATE_CREATING
+    state = runstate.read_state(cfg, 221)
+    state["state"] = runstate.STATE_CREATING
     daemon.kill()
-    namespace.write_state(cfg, 221, state)
+    runstate.write_state(cfg, 221, state)
     daemon.start()
     assert not pinned(daemon.pin(221))
     assert not os.path.lexists(daemon.pin(221))
-    assert namespace.read_state(cfg, 221) is None
+    assert runstate.read_state(cfg, 221) is None
     assert "job.221.0" not in job_entries(daemon)
     daemon.wait_removals()
     assert job_entries(daemon) == []
@@ -384,8 +384,8 @@ def test_simulated_reboot(daemon):
         fill(daemon.pin(job), 50)
     daemon.stop()
     cfg = daemon.cfg
-    for pin in namespace.list_pins(cfg):
-        namespace.unpin(cfg, pin)
+    for pin in runstate.list_pins(cfg):
+        runstate.unpin(cfg, pin)
     kernel.umount2(f"{daemon.rundir}/ns", kernel.MNT_DETACH)
     subprocess.run(["rm", "-rf", daemon.rundir], check=True)
     assert sorted(job_entries(daemon)) == ["job.222.0", "job.223.0"]

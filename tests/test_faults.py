@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import TEST_BASE_PARENT, TEST_RUN, nsenter
-from privtmpd import namespace
+from privtmpd import runstate
 from relutil import (USER, USER_PY, Inject, gone, job_entries, live, mounts_under, pins, run_hook, state_files,
                      wait_no_forks)
 
@@ -293,7 +293,7 @@ def test_pin_taken_away_teardown_still_succeeds(daemon, how, figures):
         else:
             raise AssertionError("no CPU gave a namespace that may be bound here")
     try:
-        assert namespace.pin_identity(daemon.cfg, 8) != tuple(namespace.read_state(daemon.cfg, 8)["ns"])
+        assert runstate.pin_identity(daemon.cfg, 8) != tuple(runstate.read_state(daemon.cfg, 8)["ns"])
         r = daemon.destroy(8, restart=0)
         assert r["ok"], r
         assert job_proc.pid in r["killed"], r

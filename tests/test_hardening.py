@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from privtmpd import config, names, namespace, safefs
+from privtmpd import config, names, runstate, safefs
 
 
 # --- a namespace never goes to another user -------------------------------
@@ -20,10 +20,10 @@ def test_existing_namespace_is_not_reused_for_another_user(daemon):
     assert daemon.create(7001, uid=65534, gid=65534)["ok"]
     with open(f"{daemon.job_dir(7001)}/tmp/secret", "w") as f:
         f.write("first owner\n")
-    first = namespace.read_state(daemon.cfg, 7001)["created"]
+    first = runstate.read_state(daemon.cfg, 7001)["created"]
     again = daemon.create(7001, uid=1, gid=1)
     assert again["ok"] and not again["existing"]
-    st = namespace.read_state(daemon.cfg, 7001)
+    st = runstate.read_state(daemon.cfg, 7001)
     # (namespace inode numbers are reused: the state's creation time tells)
     assert st["uid"] == 1 and st["created"] != first
     assert os.listdir(f"{daemon.job_dir(7001)}/tmp") == []
