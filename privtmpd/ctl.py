@@ -14,7 +14,7 @@ import pwd
 import sys
 import time
 
-from . import __version__, config, kernel, names, namespace, runstate, safefs
+from . import __version__, config, kernel, limitfs, names, runstate, safefs
 from .install import hook_path, plugstack_line, spank_path
 from .client import DEFAULT_SOCKET, ClientError, request
 
@@ -168,7 +168,7 @@ def _jobs(cfg, op, job=None, usage=True):
             # would count the image file, all of it under limit_reserve=yes.
             # ("/." : the walk never crosses into another mount, so it starts
             # at the filesystem's root instead of entering it from the job dir.)
-            _, j["entries"] = tree_usage(f"{j['dir']}/{namespace.LIMITED_FS}/.", progress=progress,
+            _, j["entries"] = tree_usage(f"{j['dir']}/{limitfs.LIMITED_FS}/.", progress=progress,
                                          label=f"job {j['job']}")
             j["bytes"] = j["used"]
         elif usage and j.get("dir"):

@@ -31,7 +31,7 @@ import struct
 import sys
 import time
 
-from . import __version__, config, kernel, names, namespace, proc, protocol, runstate, safefs
+from . import __version__, config, kernel, limitfs, names, namespace, proc, protocol, runstate, safefs
 from .logfmt import describe, event
 from .metrics import Metrics
 
@@ -313,7 +313,7 @@ class Daemon:
                     # A limit= image still mounted (a sweep or retry after a
                     # crash): removal never crosses it, so detach it first.
                     try:
-                        namespace.umount_limited_fs(parent, name)
+                        limitfs.umount_limited_fs(parent, name)
                     except OSError:
                         pass
                     if names.NameMatcher(self.cfg.base_name).kept_trash(name):
@@ -346,7 +346,7 @@ class Daemon:
             return True
         try:
             owner = self.removal_user.get((parent, name)) or _owner_of(pfd, name, lookup=False)
-            if (_lexists_at(pfd, f"{name}/{namespace.LIMITED_FS}.img")
+            if (_lexists_at(pfd, f"{name}/{limitfs.LIMITED_FS}.img")
                     or names.NameMatcher(self.cfg.base_name).kept_trash(name)):
                 # limit=: one file as big as the job's data; a kept
                 # directory: removed with its owner's credentials, by a
@@ -523,7 +523,7 @@ class Daemon:
                 st["pinned"] = bool(ident)
                 st["processes"] = proc.processes_in(ident) if ident else []
                 if st.get("limit") and isinstance(st.get("dir"), str):
-                    st["used"] = (namespace.limited_fs_usage(st["dir"]) or (None,))[0]
+                    st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
                 jobs.append(st)
             if op == "show" and not jobs:
                 return protocol.error(f"no job {f['job']} on this node", "not-found")
@@ -675,7 +675,7 @@ class Daemon:
                     if not safefs.is_ours(pfd, k["name"]):
                         continue
                     self.kept_walk = (k, safefs.UsageWalk(pfd, k["name"], KEPT_MEASURE_MAX,
-                                                          mounts_at_top=(namespace.LIMITED_FS,)))
+                                                          mounts_at_top=(limitfs.LIMITED_FS,)))
                 except OSError:
                     continue            # gone meanwhile
                 finally:

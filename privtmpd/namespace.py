@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from . import kernel, names, proc, runstate, safefs
+from . import kernel, limitfs, names, proc, runstate, safefs
 from .kernel import KernelError
 
 class NamespaceError(Exception):
@@ -169,93 +169,6 @@ def build_namespace(binds, shm, timeout=30.0, cpu=None):
     return t.result(timeout)
 
 
-LIMITED_FS = "fs"      # limit=: mount point of the job's filesystem in its job directory
-
-
-def _make_image(img, size, reserve):
-    """The job's image file, `size` bytes.  Sparse, it takes on disk only
-    what the job writes, so the images of all jobs can together promise
-    more than the disk holds, and a job writing into its image when the
-    disk is full gets EIO, not ENOSPC.  With reserve, its blocks are
-    allocated now (fallocate: unwritten extents, nothing is written, ~60 ms
-    for 20 GB on ext4).  Returns whether they were; when the disk has not
-    got them, the image stays sparse: the job still starts (a failed Prolog
-    would drain the node), and the daemon logs it."""
-    fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        if reserve:
-            try:
-                kernel.fallocate(fd, 0, size, img)
-                return True
-            except KernelError as e:
-                if e.errno not in (errno.ENOSPC, errno.EOPNOTSUPP, errno.EDQUOT, errno.EFBIG):
-                    raise
-                os.ftruncate(fd, 0)     # gives back what a failed fallocate took
-        os.ftruncate(fd, size)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _make_limited_fs(cfg, dpath, subs, uid, gid, size):
-    """limit=: an ext4 image of `size` bytes (see _make_image) in the
-    root-owned job directory, loop-mounted on the host side at <dir>/fs (so
-    the directories of a failed job can be kept and read), with the job's
-    directories in it.  At the limit the job gets ENOSPC; the node's disk
-    and other jobs are unaffected.  The loop device is released when the
-    mount goes (autoclear).  Returns (the job's directories as
-    make_user_dirs gives them, whether the image is allocated in full)."""
-    import subprocess
-    img = f"{dpath}/{LIMITED_FS}.img"
-    reserved = _make_image(img, size, cfg.limit_reserve)
-    mnt = f"{dpath}/{LIMITED_FS}"
-    os.mkdir(mnt, 0o700)
-    # No journal, no reserved blocks: scratch space, all of it the job's.
-    for argv in ([config_mkfs(), "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard", img],
-                 ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", img, mnt]):
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if r.returncode:
-            raise NamespaceError(f"limit=: {' '.join(argv[:2])} failed: {(r.stderr or r.stdout).strip()[:500]}")
-    fsfd = safefs.open_dir(mnt)
-    try:
-        return safefs.make_user_dirs(fsfd, subs, uid, gid, cfg.mode), reserved
-    finally:
-        os.close(fsfd)
-
-
-def config_mkfs():
-    from .config import mkfs_path
-    return mkfs_path() or "mkfs.ext4"
-
-
-def umount_limited_fs(pfd_path, dname):
-    """Detach a job directory's limit= filesystem (if any) before the
-    directory is removed: removal never crosses a mount point."""
-    path = f"{pfd_path}/{dname}/{LIMITED_FS}"
-    for _ in range(8):
-        try:
-            kernel.umount2(path, kernel.MNT_DETACH | kernel.UMOUNT_NOFOLLOW)
-        except KernelError as e:
-            if e.errno in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR, errno.EACCES):
-                return
-            raise
-
-
-def limited_fs_usage(dpath):
-    """(used, size) bytes of a job's limit= filesystem, or None."""
-    try:
-        v = os.statvfs(f"{dpath}/{LIMITED_FS}")
-        if os.stat(f"{dpath}/{LIMITED_FS}").st_dev == os.stat(dpath).st_dev:
-            return None
-    except OSError:
-        return None
-    return ((v.f_blocks - v.f_bfree) * v.f_frsize, v.f_blocks * v.f_frsize)
-
-
-def job_dir(cfg, job, restart):
-    return f"{cfg.base_parent}/{names.job_dir_name(cfg.base_name, job, restart)}"
-
-
 def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, limit=None):
     """Build and pin job's namespace.  Returns the state dict.
 
@@ -284,8 +197,8 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
     state["displaced"] = placement.displaced
     top = dpath
     if limit:
-        top = f"{dpath}/{LIMITED_FS}"
-        placement.subdirs, state["reserved"] = _make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid,
+        top = f"{dpath}/{limitfs.LIMITED_FS}"
+        placement.subdirs, state["reserved"] = limitfs.make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid,
                                                                 limit)
     binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
     _build_and_pin(cfg, job, binds, timeout)
@@ -317,7 +230,7 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         ns_id = None
     subdirs = []
     if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
-        top = f"{state['dir']}/{LIMITED_FS}" if state.get("limit") else state["dir"]
+        top = f"{state['dir']}/{limitfs.LIMITED_FS}" if state.get("limit") else state["dir"]
         subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
     if ns_id or (subdirs and state.get("state") == runstate.STATE_READY):
         # Without a pin (unmounted by someone), the job's namespace lives on
@@ -437,10 +350,10 @@ def _owner_uid(pfd, name):
         return None
     try:
         with os.scandir(fd) as it:
-            uids = [safefs.lstat_at(fd, e.name).st_uid for e in it if e.name != LIMITED_FS + ".img"
-                    and e.name != LIMITED_FS]
+            uids = [safefs.lstat_at(fd, e.name).st_uid for e in it if e.name != limitfs.LIMITED_FS + ".img"
+                    and e.name != limitfs.LIMITED_FS]
         if not uids:        # limit=: the job's directories are in the filesystem at fs/ (ours)
-            sfd = os.open(LIMITED_FS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            sfd = os.open(limitfs.LIMITED_FS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             try:
                 with os.scandir(sfd) as it:
                     uids = [safefs.lstat_at(sfd, e.name).st_uid for e in it if e.name != "lost+found"]
@@ -459,7 +372,7 @@ def trash_if_ours(pfd, cfg, dname, job, restart, kept=False):
     kept: dname is a kept directory (see names.trash_name)."""
     if not safefs.is_ours(pfd, dname):
         return None
-    umount_limited_fs(cfg.base_parent, dname)
+    limitfs.umount_limited_fs(cfg.base_parent, dname)
     tname = names.trash_name(cfg.base_name, job, restart, safefs._nonce(), kept)
     if safefs.rename_aside(pfd, dname, tname):
         return tname
