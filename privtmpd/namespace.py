@@ -10,7 +10,7 @@ in the host mount namespace, one request at a time:
               points, opens its /proc/thread-self/ns/mnt and ends
            4. bind-mount that fd's namespace onto <rundir>/ns/J (the pin),
               record state "ready"
-  destroy  kill what is left in the namespace, runstate.unpin, rename $base.J.* out
+  destroy  kill what is left in the namespace, unpin, rename $base.J.* out
            of the way (O(1)); the daemon removes the renamed trees later.
 
 The pin keeps the namespace alive with no process in it (runstate).
@@ -23,6 +23,7 @@ import time
 
 from . import kernel, limitfs, names, proc, runstate, safefs
 from .kernel import KernelError
+
 
 class NamespaceError(Exception):
     """Creating or entering a namespace failed; message is for the admin."""
