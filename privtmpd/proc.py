@@ -24,7 +24,7 @@ import os
 import signal
 import time
 
-from . import cgroup, kernel
+from . import cgroup, forked, kernel
 
 # Probing a range of new PIDs is only worth it while it is short; beyond
 # that, a full scan of /proc is cheaper.
@@ -110,31 +110,10 @@ def _ns_mounts_any_of(nsfd, roots):
     user+mount namespace of their own hides the job's mounts from it.  A
     forked child (single-threaded, as setns needs) joins the namespace,
     which puts it at the namespace's root, and reads its own mountinfo."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            kernel.setns(nsfd, kernel.CLONE_NEWNS)
-            os.write(w, b"1" if _holds(mountinfo(), roots) else b"0")
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        import select
-        ready = select.poll()
-        ready.register(r, select.POLLIN)
-        answer = os.read(r, 1) if ready.poll(PROBE_SECONDS * 1000) else b""
-    finally:
-        os.close(r)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
-    return answer == b"1"
+    def probe(w):
+        kernel.setns(nsfd, kernel.CLONE_NEWNS)
+        os.write(w, b"1" if _holds(mountinfo(), roots) else b"0")
+    return forked.run(probe, PROBE_SECONDS) == b"1"
 
 
 # --- processes in a namespace ---------------------------------------------

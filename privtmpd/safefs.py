@@ -21,7 +21,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from . import kernel
+from . import forked, kernel
 from .kernel import KernelError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -644,52 +644,28 @@ def _empty_as(top, sub, uid, gid, stats):
     ptrace), is not dumpable, and dies with its parent (set after the uid
     change, which clears the parent-death signal)."""
     import json
-    import select
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            null = os.open("/dev/null", os.O_RDWR)
-            for std in (0, 1, 2):
-                os.dup2(null, std)      # not the daemon's log stream
-            os.close(null)
-            keep = sorted({top, w})
-            os.closerange(3, keep[0])
-            os.closerange(keep[0] + 1, keep[1])
-            os.closerange(keep[1] + 1, 1 << 20)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            kernel.prctl(PR_SET_DUMPABLE, 0)
-            kernel.set_pdeathsig(9)
-            if os.getppid() == 1:
-                os._exit(1)         # the parent died before prctl
-            child = RemoveStats()
-            _empty_child(top, sub, child, fix=True)
-            os.write(w, json.dumps(child.__dict__).encode()[:60000])
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    data, deadline = b"", time.monotonic() + AS_OWNER_SECONDS
-    try:
-        poller = select.poll()
-        poller.register(r, select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
-                os.kill(pid, 9)
-                data = b""
-                break
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
+
+    def remove(w):
+        null = os.open("/dev/null", os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(null, std)      # not the daemon's log stream
+        os.close(null)
+        keep = sorted({top, w})
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 1 << 20)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        kernel.prctl(PR_SET_DUMPABLE, 0)
+        kernel.set_pdeathsig(9)
+        if os.getppid() == 1:
+            os._exit(1)         # the parent died before prctl
+        child = RemoveStats()
+        _empty_child(top, sub, child, fix=True)
+        os.write(w, json.dumps(child.__dict__).encode()[:60000])
+
+    data = forked.run(remove, AS_OWNER_SECONDS) or b""     # None: killed at the time limit
     try:
         got = json.loads(data)
     except ValueError:
