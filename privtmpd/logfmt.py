@@ -15,8 +15,11 @@ the call is read from the line of code that raised it.
 """
 
 import errno
+import logging
+import logging.handlers
 import os
 import re
+import sys
 
 _PLAIN = re.compile(r"[^\s\"=\\]+\Z")
 
@@ -120,3 +123,46 @@ def describe(exc, hint=None):
         hint = hint or HINTS.get(exc.errno, DEFAULT_HINT)
         return f"{text} ({hint})" if hint else text
     return str(exc) or type(exc).__name__
+
+
+# --- where the daemon's lines go ------------------------------------------
+
+def setup_logging(foreground, debug):
+    """Where the daemon's lines go: syslog when detached, else stderr;
+    under systemd stderr is the journal, which reads a "<N>" prefix as the
+    line's priority."""
+    handler = None
+    if not foreground and os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler.setFormatter(logging.Formatter("privtmpd[%(process)d]: %(message)s"))
+        except OSError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        if _stderr_is_journal():
+            # The journal adds time and unit, and reads a "<N>" prefix as the
+            # line's priority: journalctl -u privtmpd -p warning works.
+            handler.setFormatter(_JournalFormatter("%(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s privtmpd[%(process)d]: %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _stderr_is_journal():
+    """systemd sets JOURNAL_STREAM=dev:ino when stderr goes to the journal."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class _JournalFormatter(logging.Formatter):
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record):
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"

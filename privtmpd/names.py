@@ -77,6 +77,7 @@ class NameMatcher:
     """Recognises our entries in the base's parent directory."""
 
     def __init__(self, base_name):
+        self.base_name = base_name
         b = re.escape(base_name)
         num = r"(0|[1-9][0-9]*)"
         self._job = re.compile(rf"{b}\.{num}\.{num}\Z", re.ASCII)

@@ -1,27 +1,20 @@
-"""Create, pin, verify and destroy one job's mount namespace.
+"""Build one job's mount namespace and pin it.
 
-Lifecycle of job J (restart count R), all done by the daemon's main thread
-in the host mount namespace, one request at a time:
-
-  create   1. build $base.J.R/<mount dirs> (safefs: fd-relative, no symlinks)
-           2. record state "creating" in <rundir>/jobs/J.json
-           3. start a thread; it unshares its mount namespace, makes /
-              rslave, bind-mounts the job's directories over the mount
-              points, opens its /proc/thread-self/ns/mnt and ends
-           4. bind-mount that fd's namespace onto <rundir>/ns/J (the pin),
-              record state "ready"
-  destroy  kill what is left in the namespace, unpin, rename $base.J.* out
-           of the way (O(1)); the daemon removes the renamed trees later.
-
-The pin keeps the namespace alive with no process in it (runstate).
+A short-lived thread of the daemon unshares its mount namespace, makes /
+rslave (host mounts such as autofs and NFS still reach the job; nothing
+mounted inside leaks out), bind-mounts the job's directories over the
+mount points (each source checked to be the very inode the daemon made),
+opens /proc/thread-self/ns/mnt and ends; the daemon, in the older
+namespace, then binds that namespace onto <rundir>/ns/J (runstate.pin).
+The pin keeps the namespace alive with no process in it.  The job
+lifecycle around this is in jobs.py.
 """
 
 import errno
 import os
 import threading
-import time
 
-from . import kernel, limitfs, names, proc, runstate, safefs
+from . import kernel, runstate, safefs
 from .kernel import KernelError
 
 
@@ -31,7 +24,7 @@ class NamespaceError(Exception):
 
 # --- create --------------------------------------------------------------
 
-def _build_and_pin(cfg, job, binds, timeout):
+def build_and_pin(cfg, job, binds, timeout):
     """Build the job's namespace and pin it, on another CPU if the kernel
     refuses the pin.
 
@@ -164,217 +157,7 @@ class _NamespaceThread(threading.Thread):
 def build_namespace(binds, shm, timeout=30.0, cpu=None):
     """A new mount namespace, a rslave copy of the host's with binds
     (target, source path, dev, ino) mounted and shm's tmpfs; returns an
-    O_RDONLY fd on it.  cpu: build it on that CPU (see _build_and_pin)."""
+    O_RDONLY fd on it.  cpu: build it on that CPU (see build_and_pin)."""
     t = _NamespaceThread(binds, shm, cpu)
     t.start()
     return t.result(timeout)
-
-
-def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, limit=None):
-    """Build and pin job's namespace.  Returns the state dict.
-
-    limit: bytes of the job's limit= filesystem (default cfg.limit).
-
-    on_trash(parent, name) receives directories to remove in the background
-    (a leftover of ours found at the job path)."""
-    plan = cfg.mount_plan()
-    dname = names.job_dir_name(cfg.base_name, job, restart)
-    dpath = f"{cfg.base_parent}/{dname}"
-    state = {"job": job, "restart": restart, "uid": uid, "gid": gid, "user": user,
-             "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
-             "created": time.time(), "state": runstate.STATE_CREATING}
-    limit = cfg.limit if limit is None else limit
-    if limit:
-        state["limit"] = limit
-    runstate.write_state(cfg, job, state)
-    pfd = safefs.open_dir(cfg.base_parent)
-    try:
-        placement = safefs.create_job_dir(pfd, dname, [] if limit else [sub for _, sub in plan],
-                                          uid, gid, cfg.mode)
-        if placement.displaced_ours and on_trash:
-            on_trash(cfg.base_parent, placement.displaced_name)
-    finally:
-        os.close(pfd)
-    state["displaced"] = placement.displaced
-    top = dpath
-    if limit:
-        top = f"{dpath}/{limitfs.LIMITED_FS}"
-        placement.subdirs, state["reserved"] = limitfs.make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid,
-                                                                limit)
-    binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
-    _build_and_pin(cfg, job, binds, timeout)
-    state["ns"] = list(runstate.pin_identity(cfg, job))
-    state["state"] = runstate.STATE_READY
-    runstate.write_state(cfg, job, state)
-    return state
-
-
-# --- destroy -------------------------------------------------------------
-
-def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0):
-    """Tear down whatever job has on this node.  Idempotent: no pin and no
-    directory is success.  Returns a dict describing what was done.
-
-    The restart count the Epilog sees may already be the next run's (Slurm
-    22.05 requeue), so the directory comes from the state file, and both
-    the hinted count and the one before it are tried as well.
-
-    keep_until (Unix time): keep the directories under their kept name
-    (keep_failed=) instead of removing them."""
-    info = {"job": job, "killed": [], "cgroups": [], "unpinned": False, "dirs": [], "kept": [],
-            "keep_errors": []}
-    state = runstate.read_state(cfg, job) or {}
-    ns_id = runstate.pin_identity(cfg, job)
-    if ns_id and isinstance(state.get("ns"), list) and list(ns_id) != state["ns"]:
-        # The pin was replaced by hand with some other namespace: never
-        # kill into a namespace that is not the job's.
-        ns_id = None
-    subdirs = []
-    if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
-        top = f"{state['dir']}/{limitfs.LIMITED_FS}" if state.get("limit") else state["dir"]
-        subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
-    if ns_id or (subdirs and state.get("state") == runstate.STATE_READY):
-        # Without a pin (unmounted by someone), the job's namespace lives on
-        # as long as a process is in it: those are found by the job's
-        # directories mounted in their namespace.
-        target = ns_id or (os.stat("/proc/self/ns/mnt").st_dev, 0)
-        uid = state.get("uid") if type(state.get("uid")) is int else None
-        try:
-            info["killed"] = proc.kill_processes_in(
-                target, cfg.kill_timeout, subdirs, uid, job,
-                on_cgroup=lambda cg, n: info["cgroups"].append(f"{cg[1]} ({n})"))
-        except proc.StillRunning as e:
-            raise NamespaceError(str(e)) from None
-    if os.path.lexists(names.pin_path(cfg.rundir, job)):
-        runstate.unpin(cfg, job)
-        info["unpinned"] = True
-    restarts = set()
-    if isinstance(state.get("restart"), int):
-        restarts.add(state["restart"])
-    if restart_hint is not None:
-        restarts.update({restart_hint, max(restart_hint - 1, 0)})
-    pfd = safefs.open_dir(cfg.base_parent)
-    try:
-        for r in sorted(restarts):
-            dname = names.job_dir_name(cfg.base_name, job, r)
-            if keep_until and safefs.is_ours(pfd, dname):
-                kname, why = keep_if_ours(pfd, cfg, dname, job, r, keep_until, exit_code)
-                if kname:
-                    info["kept"].append(f"{cfg.base_parent}/{kname}")
-                    continue
-                info["keep_errors"].append(f"{dname}: {why}")
-            tname = trash_if_ours(pfd, cfg, dname, job, r)
-            if tname:
-                info["dirs"].append(dname)
-                if on_trash:
-                    on_trash(cfg.base_parent, tname)
-    finally:
-        os.close(pfd)
-    runstate.remove_state(cfg, job)
-    return info
-
-
-def keep_if_ours(pfd, cfg, dname, job, restart, until, exit_code):
-    """Rename a job directory of ours to its kept name and let its owner
-    reach it: the top stays root's (that marks it ours) with mode 0711, the
-    subdirectories stay the user's, 0700.  Returns (kept name, None), or
-    (None, why) when it cannot be kept (the caller removes it instead and
-    logs why: a failure to keep is never silent)."""
-    if not safefs.is_ours(pfd, dname):
-        return None, "not a directory of privtmpd's"
-    for _ in range(8):
-        kname = names.kept_name(cfg.base_name, job, restart, int(until), exit_code, safefs._nonce())
-        try:
-            if not safefs.rename_aside(pfd, dname, kname):
-                return None, "the job directory vanished"
-            break
-        except (OSError, KernelError) as e:
-            if e.errno != errno.EEXIST:
-                return None, f"renameat2 {kname}: {os.strerror(e.errno)}"
-            # Taken (by a guess at a random name): another nonce.
-    else:
-        return None, "every kept name tried was taken"
-    fd = os.open(kname, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    try:
-        _owner_only(fd)
-        os.fchmod(fd, 0o711)
-    finally:
-        os.close(fd)
-    return kname, None
-
-
-def _owner_only(fd, depth=0):
-    """While the job ran, the 0700 root-owned top kept other users out of
-    its directories; a kept top opens to 0711, so each user directory in it
-    (and in the limit= image, one level down) drops group and other access
-    whatever mode= gave it.  fd-relative, O_NOFOLLOW, fchmod on the inode."""
-    with os.scandir(fd) as it:
-        names_ = [e.name for e in it if e.is_dir(follow_symlinks=False)]
-    for name in names_:
-        try:
-            cfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(cfd)
-            if st.st_uid != 0:
-                os.fchmod(cfd, st.st_mode & 0o700)
-            elif depth == 0:
-                _owner_only(cfd, 1)
-        finally:
-            os.close(cfd)
-
-
-def kept_dirs(cfg):
-    """[{"name", "job", "restart", "until", "exit_code", "uid"}] for every
-    kept directory of ours (root-owned: users cannot make those)."""
-    match = names.NameMatcher(cfg.base_name)
-    out = []
-    pfd = safefs.open_dir(cfg.base_parent)
-    try:
-        with os.scandir(pfd) as it:
-            found = [(e.name, k) for e in it if (k := match.kept(e.name))]
-        for name, (job, restart, until, code) in found:
-            if not safefs.is_ours(pfd, name):
-                continue
-            out.append({"name": name, "path": f"{cfg.base_parent}/{name}", "job": job, "restart": restart,
-                        "until": until, "exit_code": code, "uid": _owner_uid(pfd, name)})
-    finally:
-        os.close(pfd)
-    return sorted(out, key=lambda k: (k["until"], k["name"]))
-
-
-def _owner_uid(pfd, name):
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    except OSError:
-        return None
-    try:
-        with os.scandir(fd) as it:
-            uids = [safefs.lstat_at(fd, e.name).st_uid for e in it if e.name != limitfs.LIMITED_FS + ".img"
-                    and e.name != limitfs.LIMITED_FS]
-        if not uids:        # limit=: the job's directories are in the filesystem at fs/ (ours)
-            sfd = os.open(limitfs.LIMITED_FS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            try:
-                with os.scandir(sfd) as it:
-                    uids = [safefs.lstat_at(sfd, e.name).st_uid for e in it if e.name != "lost+found"]
-            finally:
-                os.close(sfd)
-        return uids[0] if uids else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def trash_if_ours(pfd, cfg, dname, job, restart, kept=False):
-    """Rename a job directory to its trash name if it is ours (a root-owned
-    directory; users cannot create those).  Returns the trash name or None.
-    kept: dname is a kept directory (see names.trash_name)."""
-    if not safefs.is_ours(pfd, dname):
-        return None
-    limitfs.umount_limited_fs(cfg.base_parent, dname)
-    tname = names.trash_name(cfg.base_name, job, restart, safefs._nonce(), kept)
-    if safefs.rename_aside(pfd, dname, tname):
-        return tname
-    return None

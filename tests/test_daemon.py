@@ -2,6 +2,7 @@
 socket, restarts, crashes, a simulated reboot, hostile clients."""
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -466,14 +467,14 @@ def test_small_trees_removed_by_the_daemon_big_ones_by_a_worker(daemon_factory, 
     the log counts every file either way.  Bytes are logged when every
     file was measured: always inline, by a worker only with count_bytes=yes
     (a partial sum would read as the job's usage)."""
-    from privtmpd import daemon as daemon_mod
+    from privtmpd import removal
     daemon = daemon_factory(f"count_bytes={count_bytes}")
-    many = daemon_mod.INLINE_ENTRIES + 500
+    many = removal.INLINE_ENTRIES + 500
     for job in (240, 241, 242):
         assert daemon.create(job)["ok"]
     fill(daemon.pin(240), 10)
     fill(daemon.pin(241), many)
-    nsenter(daemon.pin(242), "fallocate", "-l", str(daemon_mod.INLINE_BYTES + (1 << 20)), "/tmp/big", user=USER)
+    nsenter(daemon.pin(242), "fallocate", "-l", str(removal.INLINE_BYTES + (1 << 20)), "/tmp/big", user=USER)
     for job in (240, 241, 242):
         assert daemon.destroy(job, restart=0)["ok"]
     daemon.wait_removals(timeout=120)
@@ -496,13 +497,14 @@ def test_removals_give_way_to_waiting_requests(scratch, caplog):
     """A Prolog or Epilog already waiting on the socket is served before a
     queued removal starts (REMOVAL_MAX_WAIT at most), and an inline
     removal pauses when one arrives, then goes on where it stopped: the
-    request never waits behind INLINE_SECONDS of unlinking.  The daemon's
-    own loop step, on a real selector and a real socket."""
-    from privtmpd import config, daemon as daemon_mod, safefs
+    request never waits behind INLINE_SECONDS of unlinking.  The removal
+    queue's own step, on a real selector and a real socket."""
+    from privtmpd import config, removal, safefs
+    from privtmpd.metrics import Metrics
     tmp_path = pathlib.Path(scratch)
     cfg = config.parse(f"base={tmp_path}/job\nrundir={tmp_path}/run\n", "test")
-    d = daemon_mod.Daemon(cfg)
-    d.sel = selectors.DefaultSelector()
+    sel = selectors.DefaultSelector()
+    rq = removal.RemovalQueue(cfg, Metrics(cfg, logging.getLogger("privtmpd")), lambda: bool(sel.select(0)))
     trash = tmp_path / "job.7.0.deleting.x"
     (trash / "tmp").mkdir(parents=True)
     n = 300
@@ -511,30 +513,30 @@ def test_removals_give_way_to_waiting_requests(scratch, caplog):
     a, b = socket.socketpair()
     caplog.set_level("INFO", logger="privtmpd")
     try:
-        d.sel.register(b, selectors.EVENT_READ, "client")
+        sel.register(b, selectors.EVENT_READ, "client")
         a.sendall(b'{"op": "create"}\n')           # a request waiting
-        d.removals.append((str(tmp_path), trash.name))
-        d.replied = True
-        d._start_removals()
-        d._start_removals()
-        assert len(os.listdir(trash / "tmp")) == n and d.removals_held is not None
+        rq.queue(str(tmp_path), trash.name)
+        rq.replied = True
+        rq.step()
+        rq.step()
+        assert len(os.listdir(trash / "tmp")) == n and rq.held_since is not None
         # Held for REMOVAL_MAX_WAIT at most; then it starts, and pauses at
         # the first interrupt check, the request still waiting.
-        d.removals_held = time.monotonic() - daemon_mod.REMOVAL_MAX_WAIT - 0.1
-        d._start_removals()
+        rq.held_since = time.monotonic() - removal.REMOVAL_MAX_WAIT - 0.1
+        rq.step()
         left = len(os.listdir(trash / "tmp"))
         assert n - safefs.Budget.INTERRUPT_EVERY <= left < n, left
-        assert list(d.paused) == [(str(tmp_path), trash.name)] and d.removals and not d.replied
-        assert d.removals_held is None
+        assert rq.paused() == [(str(tmp_path), trash.name)] and rq.busy() and not rq.replied
+        assert rq.held_since is None
         b.recv(100)                                 # served: nothing waiting any more
-        d._start_removals()
-        assert not trash.exists() and not d.removals and not d.paused and not d.workers
+        rq.step()
+        assert not trash.exists() and not rq.busy() and not rq.paused() and not rq.count()
         [line] = [r.getMessage() for r in caplog.records if "op=remove" in r.getMessage()]
         assert f"by=daemon files={n} dirs=2 " in line, line
     finally:
         a.close()
         b.close()
-        d.sel.close()
+        sel.close()
 
 
 def test_non_root_client_refused(daemon):

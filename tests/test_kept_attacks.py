@@ -11,7 +11,7 @@ import pytest
 
 from cli import wait_for
 from harness import TEST_BASE_PARENT
-from privtmpd import client, config, kernel, namespace, safefs
+from privtmpd import client, config, jobdirs, kernel, safefs
 
 pytestmark = pytest.mark.root
 
@@ -102,11 +102,11 @@ def test_a_failure_to_keep_is_logged(tmp_path, monkeypatch):
     base.mkdir()
     cfg = config.parse(f"base={base}/job")
     (base / "job.5.0").mkdir()
-    monkeypatch.setattr(safefs, "_nonce", lambda: "ab")
+    monkeypatch.setattr(jobdirs, "_nonce", lambda: "ab")
     (base / f"job.5.0.kept.{int(time.time())}.1.ab").mkdir()
     pfd = safefs.open_dir(str(base))
     try:
-        name, why = namespace.keep_if_ours(pfd, cfg, "job.5.0", 5, 0, time.time(), 1)
+        name, why = jobdirs.keep_if_ours(pfd, cfg, "job.5.0", 5, 0, time.time(), 1)
     finally:
         os.close(pfd)
     assert name is None and "taken" in why

@@ -1,0 +1,415 @@
+"""The job lifecycle on one node: create, destroy, reconcile after a
+restart, sweep the base, cleanup on an admin's request.
+
+Lifecycle of job J (restart count R), all done by the daemon's main thread
+in the host mount namespace, one request at a time:
+
+  create   1. record state "creating" in <rundir>/jobs/J.json (runstate)
+           2. build $base.J.R/<mount dirs> (safefs: fd-relative, no
+              symlinks), or a limit= image holding them (limitfs)
+           3. build the namespace with the directories bound over the
+              mount points, pin it on <rundir>/ns/J (namespace, runstate)
+           4. record state "ready" with the pinned namespace's identity
+  destroy  kill what is left in the namespace (proc), unpin, rename
+           $base.J.* to trash names (jobdirs, O(1)); the trees are removed
+           after the reply (removal).
+
+This module is the only place that decides what is live and what is ours;
+those decisions are the plain functions at the top, testable without root.
+Nothing lives only in memory: the run directory and the base directory are
+the state, and reconcile() makes them agree after a restart, a crash or a
+reboot.
+"""
+
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+from . import jobdirs, limitfs, names, namespace, proc, protocol, runstate, safefs
+from .logfmt import describe, event
+
+log = logging.getLogger("privtmpd")
+
+
+# --- decisions (pure) ------------------------------------------------------
+
+def is_live(state: Optional[dict], ident) -> bool:
+    """A job is live only if its state says ready and its pin still holds
+    the very namespace recorded at creation (namespace ids are reused, so
+    (dev, ino) of the pin is compared with the state, never trusted alone)."""
+    return bool(state and state.get("state") == runstate.STATE_READY and ident and list(ident) == state.get("ns"))
+
+
+def is_duplicate_create(state: Optional[dict], ident, restart: int, uid: int, gid: int) -> bool:
+    """Same job, run, owner and pinned namespace: a duplicate Prolog.  A
+    namespace left by an earlier job with this id (missed Epilog, then job
+    ids wrapped) must never go to another user."""
+    return bool(is_live(state, ident) and state.get("restart") == restart
+                and state.get("uid") == uid and state.get("gid") == gid)
+
+
+def runs_to_tear_down(state: dict, restart_hint: Optional[int]) -> List[int]:
+    """Restart counts whose directories a destroy looks for.  The count the
+    Epilog sees may already be the next run's (Slurm 22.05 requeue), so the
+    state's count, the hinted one and the one before it."""
+    runs = set()
+    if isinstance(state.get("restart"), int):
+        runs.add(state["restart"])
+    if restart_hint is not None:
+        runs.update({restart_hint, max(restart_hint - 1, 0)})
+    return sorted(runs)
+
+
+def sweep_reason(entry: jobdirs.Entry, live: Dict[int, Optional[dict]], busy: set) -> Optional[str]:
+    """Why an entry of ours in the base must go, or None to leave it: a job
+    directory with no live job of that run, trash of an interrupted removal,
+    a temporary name of an interrupted start.  live maps job -> state (None:
+    in use, keep every run).  busy: names already being removed."""
+    if entry.kind == "job":
+        st = live.get(entry.job, False)
+        if st is None or (st and st.get("restart") == entry.restart):
+            return None
+        if st:
+            return f"job {entry.job} is running as restart {st.get('restart')}, this is run {entry.restart}"
+        return f"no live namespace for job {entry.job}"
+    if entry.name in busy:
+        return None
+    if entry.kind in ("trash", "kept-trash"):
+        return "interrupted removal"
+    if entry.kind == "temporary":
+        return "left by an interrupted job start"
+    return None
+
+
+def user_of(state: Optional[dict]):
+    """The job's user for log lines: the name Slurm gave, else the uid."""
+    state = state or {}
+    return state.get("user") or state.get("uid")
+
+
+def request_user(cfg, op, fields):
+    """The job's user for the log line of a request that failed before its
+    handler could say (the handlers return it with their reply)."""
+    if op == "create":
+        return fields.get("user") or fields.get("uid")
+    if isinstance(fields.get("job"), int):
+        return user_of(runstate.read_state(cfg, fields["job"]))
+    return None
+
+
+# --- create and destroy ----------------------------------------------------
+
+def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, limit=None):
+    """Build and pin job's namespace.  Returns the state dict.
+
+    limit: bytes of the job's limit= filesystem (default cfg.limit).
+    on_trash(parent, name) receives directories to remove in the background
+    (a leftover of ours found at the job path)."""
+    plan = cfg.mount_plan()
+    dname = names.job_dir_name(cfg.base_name, job, restart)
+    dpath = f"{cfg.base_parent}/{dname}"
+    state = {"job": job, "restart": restart, "uid": uid, "gid": gid, "user": user,
+             "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
+             "created": time.time(), "state": runstate.STATE_CREATING}
+    limit = cfg.limit if limit is None else limit
+    if limit:
+        state["limit"] = limit
+    runstate.write_state(cfg, job, state)
+    with jobdirs.parent_fd(cfg) as pfd:
+        placement = safefs.create_job_dir(pfd, dname, [] if limit else [sub for _, sub in plan],
+                                          uid, gid, cfg.mode)
+        if placement.displaced_ours and on_trash:
+            on_trash(cfg.base_parent, placement.displaced_name)
+    state["displaced"] = placement.displaced
+    top = dpath
+    if limit:
+        top = f"{dpath}/{limitfs.LIMITED_FS}"
+        placement.subdirs, state["reserved"] = limitfs.make_limited_fs(cfg, dpath, [sub for _, sub in plan],
+                                                                       uid, gid, limit)
+    binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
+    namespace.build_and_pin(cfg, job, binds, timeout)
+    state["ns"] = list(runstate.pin_identity(cfg, job))
+    state["state"] = runstate.STATE_READY
+    runstate.write_state(cfg, job, state)
+    return state
+
+
+def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0):
+    """Tear down whatever job has on this node.  Idempotent: no pin and no
+    directory is success.  Returns a dict describing what was done.
+
+    The directory comes from the state file, and other runs' directories
+    are looked for too (runs_to_tear_down).  keep_until (Unix time): keep
+    the directories under their kept name (keep_failed=) instead."""
+    info = {"job": job, "killed": [], "cgroups": [], "unpinned": False, "dirs": [], "kept": [],
+            "keep_errors": []}
+    state = runstate.read_state(cfg, job) or {}
+    ns_id = runstate.pin_identity(cfg, job)
+    if ns_id and isinstance(state.get("ns"), list) and list(ns_id) != state["ns"]:
+        # The pin was replaced by hand with some other namespace: never
+        # kill into a namespace that is not the job's.
+        ns_id = None
+    subdirs = []
+    if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
+        top = f"{state['dir']}/{limitfs.LIMITED_FS}" if state.get("limit") else state["dir"]
+        subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
+    if ns_id or (subdirs and state.get("state") == runstate.STATE_READY):
+        # Without a pin (unmounted by someone), the job's namespace lives on
+        # as long as a process is in it: those are found by the job's
+        # directories mounted in their namespace.
+        target = ns_id or (os.stat("/proc/self/ns/mnt").st_dev, 0)
+        uid = state.get("uid") if type(state.get("uid")) is int else None
+        try:
+            info["killed"] = proc.kill_processes_in(
+                target, cfg.kill_timeout, subdirs, uid, job,
+                on_cgroup=lambda cg, n: info["cgroups"].append(f"{cg[1]} ({n})"))
+        except proc.StillRunning as e:
+            raise namespace.NamespaceError(str(e)) from None
+    if os.path.lexists(names.pin_path(cfg.rundir, job)):
+        runstate.unpin(cfg, job)
+        info["unpinned"] = True
+    with jobdirs.parent_fd(cfg) as pfd:
+        for r in runs_to_tear_down(state, restart_hint):
+            dname = names.job_dir_name(cfg.base_name, job, r)
+            if keep_until and safefs.is_ours(pfd, dname):
+                kname, why = jobdirs.keep_if_ours(pfd, cfg, dname, job, r, keep_until, exit_code)
+                if kname:
+                    info["kept"].append(f"{cfg.base_parent}/{kname}")
+                    continue
+                info["keep_errors"].append(f"{dname}: {why}")
+            tname = jobdirs.trash_if_ours(pfd, cfg, dname, job, r)
+            if tname:
+                info["dirs"].append(dname)
+                if on_trash:
+                    on_trash(cfg.base_parent, tname)
+    runstate.remove_state(cfg, job)
+    return info
+
+
+# --- the daemon's side -----------------------------------------------------
+
+class Jobs:
+    """The lifecycle as the daemon runs it: each request handler returns
+    (reply bytes, the job's user for the request's log line)."""
+
+    def __init__(self, cfg, removals, kept, metrics):
+        self.cfg = cfg
+        self.removals = removals
+        self.kept = kept
+        self.metrics = metrics
+
+    def _trash_for(self, user):
+        return lambda parent, name: self.removals.queue(parent, name, user)
+
+    # --- requests --------------------------------------------------------
+
+    def create(self, f) -> Tuple[bytes, object]:
+        cfg, job, restart = self.cfg, f["job"], f["restart"]
+        user = f.get("user") or f["uid"]
+        on_trash = self._trash_for(user)
+        st = runstate.read_state(cfg, job)
+        ident = runstate.pin_identity(cfg, job)
+        if is_duplicate_create(st, ident, restart, f["uid"], f["gid"]):
+            return protocol.ok(job=job, dir=st["dir"], existing=True), user
+        if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)):
+            # A previous run of this job (requeue without Epilog here, or a
+            # half-made attempt): start from nothing.
+            destroy(cfg, job, restart_hint=restart, on_trash=on_trash)
+        try:
+            st = create(cfg, job, restart, f["uid"], f["gid"], f.get("user", ""), on_trash=on_trash,
+                        limit=self.job_limit(job, f.get("slurm_conf"), user))
+        except BaseException:
+            # No partial state: roll back pin, state and directories.
+            try:
+                destroy(cfg, job, restart_hint=restart, on_trash=on_trash)
+            except Exception as e2:   # noqa: BLE001 - report the first error, log this one
+                log.error(event("create-rollback", "error", job, user, error=describe(e2)))
+            raise
+        if st.get("displaced"):
+            log.warning(event("create", "displaced", job, user, found=st["displaced"]))
+        if cfg.limit_reserve and st.get("limit") and not st.get("reserved"):
+            log.warning(event("create", "not-reserved", job, user, limit=st["limit"],
+                              dir=st["dir"], note="the disk could not hold the whole image: it is "
+                              "sparse, and the job may get EIO before its limit if the disk fills up"))
+        return protocol.ok(job=job, dir=st["dir"], existing=False), user
+
+    def destroy(self, f) -> Tuple[bytes, object]:
+        cfg, job = self.cfg, f["job"]
+        user = user_of(runstate.read_state(cfg, job))
+        code = f.get("exit_code", 0)
+        keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
+        info = destroy(cfg, job, restart_hint=f.get("restart"), on_trash=self._trash_for(user),
+                       keep_until=keep, exit_code=code)
+        for why in info["keep_errors"]:
+            log.warning(event("destroy", "not-kept", job, user, exit_code=code, error=why, note="removed instead"))
+        if info["kept"]:
+            log.info(event("destroy", "kept", job, user, exit_code=code, dirs=",".join(info["kept"]),
+                           until=time.ctime(keep)))
+            self.kept.check_soon()      # keep_max: measured after this reply, not before
+        if info["killed"] or info["cgroups"]:
+            log.warning(event("destroy", "killed", job, user, count=len(info["killed"]),
+                              pids=",".join(map(str, info["killed"][:50])),
+                              **({"cgroups": ",".join(info["cgroups"])} if info["cgroups"] else {})))
+        return protocol.ok(**info), user
+
+    def listing(self, f, show=False) -> Tuple[bytes, object]:
+        """list, or show one job: states, pins, processes, kept directories
+        and removals."""
+        cfg, jobs = self.cfg, []
+        for job, st in sorted(runstate.all_states(cfg).items()):
+            if show and job != f["job"]:
+                continue
+            st = dict(st or {"job": job, "state": "unreadable"})
+            ident = runstate.pin_identity(cfg, job)
+            st["pinned"] = bool(ident)
+            st["processes"] = proc.processes_in(ident) if ident else []
+            if st.get("limit") and isinstance(st.get("dir"), str):
+                st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
+            jobs.append(st)
+        if show and not jobs:
+            return protocol.error(f"no job {f['job']} on this node", "not-found"), None
+        kept = [dict(k, bytes=self.kept.size_of(k["name"])) for k in jobdirs.kept_dirs(cfg)]
+        extra = {"kept": kept, "keep_max": cfg.keep_max} if kept or cfg.keep_failed else {}
+        return protocol.ok(jobs=jobs, **extra, removals=self.removals.paths()), \
+            user_of(jobs[0]) if show else None
+
+    def job_limit(self, job, slurm_conf, user=None):
+        """limit_from=tmp: the job's --tmp request (tmprequest), else limit=.
+        Asking slurmctld costs the Prolog one squeue call; when it cannot
+        answer, or answers nonsense, the job gets limit= and the reason is
+        logged: a size is never worth failing a Prolog (and draining the
+        node) for."""
+        cfg = self.cfg
+        if not cfg.limit_from:
+            return cfg.limit
+        from . import tmprequest
+        try:
+            size, result, note = tmprequest.job_limit(cfg, job, slurm_conf)
+        except Exception as e:      # noqa: BLE001 - see above
+            size, result, note = cfg.limit, "fallback", describe(e)
+        if result:
+            log.warning(event("limit", result, job, user, limit=size, error=note))
+        return size
+
+    # --- start-up and orphans ----------------------------------------------
+
+    def reconcile(self) -> Dict[int, dict]:
+        """Make the run directory and the base directory agree.
+
+        A job survives only if it is live (is_live).  Anything else - a
+        half-created job, a pin without state, state without pin - is torn
+        down.  Job directories with no live job (all of them after a reboot,
+        when /run is empty) and interrupted removals are queued for removal
+        before the first request is served."""
+        cfg = self.cfg
+        t0 = time.monotonic()
+        live = {}
+        for name in runstate.remove_stale_temp_states(cfg):
+            log.warning(event("recover", "stale-state-removed", file=name))
+        for job, st in runstate.all_states(cfg).items():
+            ident = runstate.pin_identity(cfg, job)
+            if is_live(st, ident):
+                live[job] = st
+                continue
+            log.warning(event("recover", "rollback", job, user_of(st), state=(st or {}).get("state", "unreadable"),
+                              pin="live" if ident else "none"))
+            destroy(cfg, job, on_trash=self._trash_for(user_of(st)))
+        for pin in runstate.list_pins(cfg):
+            if pin not in live:
+                log.warning(event("recover", "unpin-orphan", pin))
+                runstate.unpin(cfg, pin)
+        self.sweep(live)
+        self.kept.check()
+        self.metrics.set_active(len(live))
+        log.info(event("recover", "ok", ms=(time.monotonic() - t0) * 1000, live_jobs=len(live),
+                       queued_removals=self.removals.count()))
+        return live
+
+    def sweep(self, live, dry_run=False) -> List[dict]:
+        """Queue for removal every entry of ours in the base that no live
+        job owns (sweep_reason).  Returns [{"path", "job", "reason"}]; with
+        dry_run only says what it would do."""
+        cfg = self.cfg
+        busy = self.removals.names()
+        found = []
+        entries = jobdirs.scan(cfg, ("job", "trash", "kept-trash", "temporary"))
+        with jobdirs.parent_fd(cfg) as pfd:
+            for e in entries:
+                why = sweep_reason(e, live, busy)
+                if why is None:
+                    continue
+                item = {"path": f"{cfg.base_parent}/{e.name}", "job": e.job, "reason": why}
+                if dry_run:
+                    found.append(item)
+                elif e.kind != "job":
+                    self.removals.queue(cfg.base_parent, e.name)
+                    found.append(item)
+                elif self._trash_job_dir(pfd, e):
+                    log.info(event("sweep", "orphan-queued", e.job, dir=item["path"], reason=why))
+                    self.metrics.inc("privtmpd_orphans_swept_total")
+                    found.append(item)
+        return found
+
+    def _trash_job_dir(self, pfd, e: jobdirs.Entry) -> bool:
+        tname = jobdirs.trash_if_ours(pfd, self.cfg, e.name, e.job, e.restart)
+        if tname:
+            self.removals.queue(self.cfg.base_parent, tname)
+        return bool(tname)
+
+    def _orphan_item(self, job, user, state, ident, dirs, reason):
+        return {"job": job, "user": user, "state": state, "pinned": bool(ident),
+                "processes": proc.processes_in(ident) if ident else [],
+                "dirs": [f"{self.cfg.base_parent}/{d}" for d in dirs], "reason": reason}
+
+    def cleanup(self, f) -> Tuple[bytes, object]:
+        """`privtmpctl cleanup`.  Whether a Slurm job is over cannot be known
+        here, so a live job is only torn down when named (the admin knows).
+        Without a job: what no live job owns - state or pins without a live
+        namespace, job directories without a live job, interrupted removals -
+        by the rules of start-up.  The reply says what and why; with dry_run
+        nothing changes."""
+        cfg, job, dry_run = self.cfg, f.get("job"), f.get("dry_run", False)
+        jobs, skipped, user = [], [], None
+        live: Dict[int, Optional[dict]] = {}
+        if job is not None:
+            st = runstate.read_state(cfg, job)
+            ident = runstate.pin_identity(cfg, job)
+            dirs = jobdirs.job_dirs(cfg, job)
+            user = user_of(st)
+            if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)) or dirs:
+                jobs.append(self._orphan_item(job, user, (st or {}).get("state"), ident, dirs,
+                                              "named by the administrator"))
+        else:
+            states = runstate.all_states(cfg)
+            for j, st in states.items():
+                ident = runstate.pin_identity(cfg, j)
+                if is_live(st, ident):
+                    live[j] = st
+                    continue
+                state = (st or {}).get("state", "unreadable")
+                item = self._orphan_item(j, user_of(st), state, ident, jobdirs.job_dirs(cfg, j),
+                                         f"state {state!r} without its live namespace")
+                (skipped if item["processes"] else jobs).append(item)
+            for pin in runstate.list_pins(cfg):
+                if pin not in states and isinstance(pin, int):
+                    item = self._orphan_item(pin, None, None, runstate.pin_identity(cfg, pin), [],
+                                             "pin without a state file")
+                    (skipped if item["processes"] else jobs).append(item)
+            for item in skipped:
+                item["reason"] += f"; processes {item['processes']} still inside: privtmpctl cleanup {item['job']}"
+                live[item["job"]] = None    # in use: the sweep below keeps all its directories
+        if not dry_run:
+            for item in jobs:
+                info = destroy(cfg, item["job"], on_trash=self._trash_for(item["user"]))
+                # Directories of other runs of a named job, not in its state.
+                entries = jobdirs.scan(cfg, ("job",), item["job"])
+                with jobdirs.parent_fd(cfg) as pfd:
+                    for e in entries:
+                        self._trash_job_dir(pfd, e)
+                item["killed"] = info["killed"]
+                log.warning(event("teardown", "ok", item["job"], item["user"], reason=item["reason"],
+                                  killed=",".join(map(str, info["killed"])), dirs=",".join(item["dirs"])))
+            self.metrics.set_active(len(runstate.list_pins(cfg)))
+        orphans = [] if job is not None else self.sweep(live, dry_run)
+        return protocol.ok(dry_run=dry_run, jobs=jobs, orphans=orphans, skipped=skipped), user

@@ -1,0 +1,352 @@
+"""Removal of trash trees: the daemon's queue, its inline budget, the forked
+workers, and retries.
+
+A job's directories are renamed to a trash name by the Epilog's request
+(O(1)); the trees are removed here, after the reply:
+- in the daemon itself while a tree is small (INLINE_*: most jobs leave a
+  few files, and a fork plus a Python worker cost ~3.5 ms of CPU per job,
+  on the CPUs the next job starts on), in steps that give way to a waiting
+  request;
+- in forked workers beyond that (a limit= image, a kept directory, or a
+  tree over the inline budget), at most remove_workers at once;
+- a failed removal is retried after 2, 4, 8... seconds, then at the next
+  start (the trash name on disk is the state: nothing lives only here).
+
+Each removal is one record (_Removal) in one dict; where it stands
+(queued, paused inline, handed to a worker, running, waiting for a retry)
+is a field of that record, not membership in parallel lists.
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import jobdirs, kernel, limitfs, names, safefs
+from .logfmt import describe, event
+
+log = logging.getLogger("privtmpd")
+
+REMOVE_RETRIES = 5           # a failed removal is retried this often,
+REMOVE_RETRY_DELAY = 2.0     # after 2, 4, 8... seconds (then at the next start)
+INLINE_ENTRIES = 2000
+INLINE_BYTES = 64 << 20      # unlinking a big file cannot be interrupted
+INLINE_SECONDS = 0.02        # per turn of the loop, all inline removals together
+REMOVAL_MAX_WAIT = 1.0       # seconds removals give way to waiting requests, at most
+_REPORT_MAX = 60000          # bytes of a worker's JSON report (one pipe read)
+
+Key = Tuple[str, str]        # (parent directory, trash name)
+
+QUEUED, RUNNING, DEFERRED = "queued", "running", "deferred"
+
+
+@dataclass
+class _Removal:
+    parent: str
+    name: str
+    user: object = None                     # the job's user, for the log line
+    where: str = QUEUED
+    attempts: int = 0                       # failed attempts so far
+    stats: Optional[safefs.RemoveStats] = None   # what an inline attempt removed
+    budget: Optional[safefs.Budget] = None  # set while paused inline
+    handed_over: bool = False               # too big for inline: a worker finishes it
+    started: float = 0.0                    # monotonic start of this attempt
+    due: float = 0.0                        # DEFERRED: when to retry
+    pid: int = 0                            # RUNNING: the worker
+    report_fd: int = -1                     # RUNNING: its report pipe
+
+    @property
+    def path(self):
+        return f"{self.parent}/{self.name}"
+
+
+class RemovalQueue:
+    def __init__(self, cfg, metrics, request_waiting: Callable[[], bool],
+                 close_in_worker: Callable[[], None] = lambda: None):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.request_waiting = request_waiting
+        self.close_in_worker = close_in_worker     # the daemon's sockets, closed in a forked worker
+        self._all: Dict[Key, _Removal] = {}
+        self._order: List[Key] = []                # QUEUED, oldest first
+        self.held_since: Optional[float] = None    # removals gave way to waiting requests since then
+        self.replied = False                       # a reply went out since the last step
+        self.stopping = False
+
+    # --- what is there ----------------------------------------------------
+
+    def queue(self, parent: str, name: str, user=None) -> None:
+        """Queue parent/name for removal, once (again while queued,
+        running or waiting for a retry is a no-op)."""
+        r = self._all.get((parent, name))
+        if r is None:
+            r = self._all[(parent, name)] = _Removal(parent, name, user)
+            self._order.append((parent, name))
+        elif r.user is None:
+            r.user = user
+
+    def set_user(self, parent: str, name: str, user) -> None:
+        r = self._all.get((parent, name))
+        if r is not None:
+            r.user = user
+
+    def names(self) -> set:
+        return {n for _, n in self._all}
+
+    def paths(self) -> List[str]:
+        return [r.path for r in self._all.values()]
+
+    def count(self, where=None) -> int:
+        return sum(1 for r in self._all.values() if where is None or r.where == where)
+
+    def paused(self) -> List[Key]:
+        return [k for k, r in self._all.items() if r.budget is not None]
+
+    def busy(self) -> bool:
+        return bool(self._order)
+
+    # --- the loop's steps -------------------------------------------------
+
+    def retry_due(self) -> None:
+        now = time.monotonic()
+        for key, r in self._all.items():
+            if r.where == DEFERRED and r.due <= now:
+                r.where = QUEUED
+                self._order.append(key)
+
+    def step(self) -> None:
+        """Start removals: inline within INLINE_SECONDS, then workers."""
+        if not self._order:
+            self.replied = False
+            return
+        # Requests first: a Prolog or Epilog waiting in the socket would
+        # otherwise wait behind up to INLINE_SECONDS of unlinking (or a
+        # fork).  Bounded, so that a stream of requests cannot hold
+        # removals back for long; an inline removal also pauses when one
+        # arrives (Budget.interrupt) and goes on at the next turn.
+        now = time.monotonic()
+        if self.request_waiting():
+            if self.held_since is None:
+                self.held_since = now
+            if now - self.held_since < REMOVAL_MAX_WAIT:
+                return
+        self.held_since = None
+        if self.replied:
+            # The reply just sent woke a hook, and the scheduler tends to
+            # queue a woken task on the waker's CPU (wake-affine): without
+            # this, the hook, and with it the Epilog, waits for the
+            # unlinking below.
+            self.replied = False
+            os.sched_yield()
+        deadline = time.monotonic() + INLINE_SECONDS
+        while self._order and not self.stopping:
+            r = self._all[self._order[0]]
+            if r.budget is not None and time.monotonic() >= deadline:
+                return                  # paused inline: goes on at the next turn
+            if not r.handed_over and time.monotonic() < deadline:
+                if self._remove_inline(r, deadline):
+                    continue
+                if r.budget is not None:
+                    return              # paused for a request
+            if self.count(RUNNING) >= self.cfg.remove_workers:
+                return
+            self._start_worker(r)
+
+    def _remove_inline(self, r: _Removal, deadline: float) -> bool:
+        """Remove r here, within the inline budget.  True when the attempt
+        is over (removed, or failed and deferred); False when it paused for
+        a waiting request (r.budget kept: it goes on at the next turn) or
+        is too big (r.handed_over: a worker finishes it)."""
+        if r.budget is None:            # a new attempt, not a paused one going on
+            r.stats, r.started = safefs.RemoveStats(), time.monotonic()
+        try:
+            pfd = safefs.open_dir(r.parent)
+        except OSError as e:
+            self._done(r, {"error": describe(e)}, by="daemon")
+            return True
+        try:
+            if r.user is None:
+                r.user = jobdirs.owner_uid(pfd, r.name)
+            if (jobdirs.lexists_at(pfd, f"{r.name}/{limitfs.LIMITED_FS}.img")
+                    or names.NameMatcher(self.cfg.base_name).kept_trash(r.name)):
+                # limit=: one file as big as the job's data; a kept
+                # directory: removed with its owner's credentials, by a
+                # forked process.  Never inline.
+                r.handed_over = True
+                return False
+            budget = r.budget or safefs.Budget(INLINE_ENTRIES, INLINE_BYTES, deadline, self.request_waiting)
+            budget.deadline = deadline
+            r.budget = None
+            safefs.remove_tree(pfd, r.name, r.stats, budget)
+            info = dict(r.stats.__dict__, user=r.user)
+        except safefs.Paused:
+            r.budget = budget
+            return False
+        except safefs.OverBudget:
+            r.handed_over = True
+            return False
+        except Exception as e:      # noqa: BLE001 - as a worker reports it: logged, retried later
+            info = {"error": describe(e)}
+        finally:
+            os.close(pfd)
+        self._done(r, info, by="daemon")
+        return True
+
+    def _start_worker(self, r: _Removal) -> None:
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        daemon_pid = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(rfd)
+            os.close(wfd)
+            raise               # the removal stays queued; tried again next turn
+        if pid == 0:
+            self._worker(daemon_pid, rfd, wfd, r)      # never returns
+        os.close(wfd)
+        self._order.remove((r.parent, r.name))
+        if not r.handed_over:
+            r.stats = None
+        r.started = time.monotonic()
+        r.where, r.pid, r.report_fd = RUNNING, pid, rfd
+
+    def _worker(self, daemon_pid: int, rfd: int, wfd: int, r: _Removal) -> None:
+        code = 1
+        try:
+            # A worker dies with its daemon, as it does on a SIGTERM stop:
+            # the next daemon finds the trash name and resumes the removal,
+            # and an orphaned worker would race that new worker.
+            kernel.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != daemon_pid:     # the daemon died before prctl
+                os._exit(1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            self.close_in_worker()
+            # Lowest priority: a big removal must not slow the jobs that
+            # run meanwhile.
+            try:
+                os.nice(10)
+            except OSError:
+                pass
+            os.close(rfd)
+            pfd = safefs.open_dir(r.parent)
+            owner = jobdirs.owner_name(pfd, r.name)
+            # A limit= image still mounted (a sweep or retry after a
+            # crash): removal never crosses it, so detach it first.
+            try:
+                limitfs.umount_limited_fs(r.parent, r.name)
+            except OSError:
+                pass
+            if names.NameMatcher(self.cfg.base_name).kept_trash(r.name):
+                stats = safefs.remove_as_owner(pfd, r.name)
+            else:
+                stats = safefs.remove_tree(pfd, r.name, sizes=self.cfg.count_bytes)
+            os.write(wfd, json.dumps(dict(stats.__dict__, user=owner)).encode()[:_REPORT_MAX])
+            code = 0
+        except BaseException as e:
+            try:
+                os.write(wfd, json.dumps({"error": describe(e)}).encode()[:_REPORT_MAX])
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+
+    def reap(self) -> None:
+        """Collect finished workers (the loop wakes on SIGCHLD)."""
+        running = {r.pid: r for r in self._all.values() if r.where == RUNNING}
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            r = running.pop(pid, None)
+            if r is None:
+                continue
+            try:
+                raw = os.read(r.report_fd, 65536)
+            finally:
+                os.close(r.report_fd)
+                r.report_fd = -1
+            try:
+                info = json.loads(raw) if raw else {"error": f"worker died (status {status})"}
+            except ValueError:
+                info = {"error": "worker sent a bad report"}
+            if r.handed_over and r.stats is not None and "files" in info:
+                # What the inline attempt removed before handing over.
+                for k in ("files", "dirs", "bytes"):
+                    info[k] += getattr(r.stats, k)
+                info["sized"] = info["sized"] and r.stats.sized
+            self._done(r, info, by="worker")
+
+    def _done(self, r: _Removal, info: dict, by: str) -> None:
+        """Log, count and (on failure) schedule a retry of one removal."""
+        ms = (time.monotonic() - r.started) * 1000
+        job, user = jobdirs.job_of(self.cfg.base_name, r.name), info.get("user", r.user)
+        # Bytes only when every removed file was measured (count_bytes=, or
+        # removed inline, which measures them for its budget): a partial
+        # sum in a log line or the counter would read as the job's usage.
+        sized = {"bytes": info["bytes"]} if info.get("sized") else {}
+        failed = "error" in info or info.get("failures") or info.get("mounts_skipped")
+        if "error" in info:
+            log.error(event("remove", "error", job, user, ms, dir=r.path, by=by, error=info["error"]))
+            self.metrics.inc("privtmpd_removals_total", result="error")
+        elif failed:
+            log.error(event("remove", "incomplete", job, user, ms, dir=r.path, by=by, files=info["files"],
+                            **sized, left=info["failures"], mounts_skipped=info["mounts_skipped"],
+                            errors="; ".join(info["errors"][:5])))
+            self.metrics.inc("privtmpd_removals_total", result="incomplete")
+        else:
+            log.info(event("remove", "ok", job, user, ms, dir=r.path, by=by, files=info["files"],
+                           dirs=info["dirs"], **sized))
+            self.metrics.inc("privtmpd_removals_total", result="ok")
+        if "files" in info:
+            self.metrics.inc("privtmpd_removed_files_total", info["files"])
+            self.metrics.inc("privtmpd_removed_dirs_total", info["dirs"])
+            if sized:
+                self.metrics.inc("privtmpd_removed_bytes_total", info["bytes"])
+            self.metrics.observe("privtmpd_remove_seconds", ms / 1000)
+        key = (r.parent, r.name)
+        if key in self._order:
+            self._order.remove(key)
+        r.stats, r.budget, r.handed_over, r.pid = None, None, False, 0
+        if failed:
+            self._defer(r, job)
+        else:
+            del self._all[key]
+
+    def _defer(self, r: _Removal, job) -> None:
+        """A removal failed (an I/O error, a busy or immutable entry): try
+        again later rather than leave the tree until the next restart."""
+        r.attempts += 1
+        if r.attempts > REMOVE_RETRIES or not os.path.lexists(r.path):
+            del self._all[(r.parent, r.name)]
+            if r.attempts > REMOVE_RETRIES:
+                log.error(event("remove", "given-up", job, dir=r.path, attempts=r.attempts,
+                                note="retried at the next start, or: privtmpctl cleanup --orphans"))
+            return
+        delay = REMOVE_RETRY_DELAY * 2 ** (r.attempts - 1)
+        r.where, r.due = DEFERRED, time.monotonic() + delay
+        log.warning(event("remove", "retry-scheduled", job, dir=r.path, attempt=r.attempts, in_s=delay))
+
+    def kill_workers(self) -> None:
+        """Fast stop: workers die now; their trash names stay on disk and
+        the next start resumes them."""
+        running = [r for r in self._all.values() if r.where == RUNNING]
+        for r in running:
+            try:
+                os.kill(r.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for r in running:
+            try:
+                os.waitpid(r.pid, 0)
+            except ChildProcessError:
+                pass
+            os.close(r.report_fd)
+            r.report_fd, r.where = -1, QUEUED
