@@ -24,16 +24,13 @@ FREEZE_WAIT = 1.0       # seconds a freeze may take before we kill anyway
 
 def _mounts():
     """{"v2": mount point, "freezer": mount point} of the cgroup hierarchies we use."""
+    from .proc import mounts        # proc imports this module
     out = {}
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            left, _, right = line.partition(b" - ")
-            fstype, _src, opts = (right.split(b" ") + [b"", b""])[:3]
-            mp = left.split(b" ")[4].decode("utf-8", "replace")
-            if fstype == b"cgroup2":
-                out.setdefault("v2", mp)
-            elif fstype == b"cgroup" and b"freezer" in opts.strip().split(b","):
-                out.setdefault("freezer", mp)
+    for m in mounts():
+        if m.fstype == "cgroup2":
+            out.setdefault("v2", m.mountpoint)
+        elif m.fstype == "cgroup" and "freezer" in m.super_options:
+            out.setdefault("freezer", m.mountpoint)
     return out
 
 

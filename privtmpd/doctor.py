@@ -14,7 +14,7 @@ import stat
 import subprocess
 from dataclasses import dataclass
 
-from . import client, config, kernel
+from . import client, config, kernel, proc
 from .client import ClientError, request
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -35,13 +35,7 @@ class Result:
 
 def _mountinfo():
     """[(mount point, optional fields)] of this mount namespace."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            out.append((parts[4].replace("\\040", " "), parts[6:sep]))
-    return out
+    return [(m.mountpoint, m.optional) for m in proc.mounts()]
 
 
 def _under(path, top):

@@ -23,6 +23,7 @@ count, instead of an ok.
 import os
 import signal
 import time
+from typing import List, NamedTuple
 
 from . import cgroup, forked, kernel
 
@@ -56,6 +57,32 @@ def mountinfo(pid="self"):
             fields = line.split(b" ", 5)
             out.append((fields[2], unescape(fields[3]), unescape(fields[4]), fields[5]))
         return out
+
+
+class Mount(NamedTuple):
+    """One mountinfo line as text (paths unescaped; bytes that are not
+    UTF-8 kept by surrogateescape, so os.fsencode gives them back)."""
+    mountpoint: str
+    root: str
+    options: List[str]          # per-mount options (ro, nosuid, ...)
+    optional: List[str]         # propagation: shared:N, master:N, ...
+    fstype: str
+    source: str
+    super_options: List[str]    # the filesystem's own options
+
+
+def mounts(pid="self") -> List[Mount]:
+    """Every mount of pid's mount namespace, parsed whole.  For doctor and
+    the cgroup lookup; the Epilog's hot path uses mountinfo()."""
+    out = []
+    for _dev, root, mp, rest in mountinfo(pid):
+        left, _, right = rest.rstrip(b"\n").partition(b" - ")
+        opts, *optional = left.split(b" ")
+        fstype, source, sopts = (right.split(b" ") + [b"", b""])[:3]
+        out.append(Mount(os.fsdecode(mp), os.fsdecode(root), os.fsdecode(opts).split(","),
+                         [os.fsdecode(o) for o in optional], os.fsdecode(fstype), os.fsdecode(unescape(source)),
+                         os.fsdecode(sopts).split(",")))
+    return out
 
 
 def is_mountpoint(path):

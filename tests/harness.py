@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from privtmpd import client, config, runstate  # noqa: E402
+from privtmpd import client, config, proc, runstate  # noqa: E402
 
 # Everything the tests create lives under these, so leftovers of an
 # interrupted run are found and removed by the next one.
@@ -23,9 +23,7 @@ TEST_BASE_PARENT = "/var/lib/privtmpd-test/base"
 
 
 def _mountpoints():
-    # mountinfo octal-escapes space, tab, newline and backslash.
-    with open("/proc/self/mountinfo") as f:
-        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
+    return [m.mountpoint for m in proc.mounts()]
 
 
 def _umount_under(prefix):

@@ -3,14 +3,13 @@ test_load, test_boundary, test_hostile_env): leak accounting, hooks run
 the way slurmd runs them, and syscall fault injection with strace."""
 
 import os
-import re
 import subprocess
 import time
 
 import psutil
 
 from harness import REPO
-from privtmpd import runstate
+from privtmpd import proc, runstate
 
 USER = 65534
 USER_PY = "/usr/bin/python3"        # readable by nobody, unlike a pyenv under /root
@@ -33,14 +32,9 @@ def run_hook(d, kind, job, uid=USER, gid=USER, restart=0, env=None, timeout=120)
 
 
 def mounts_under(*tops):
-    """Host mountinfo lines whose mount point is at or below one of tops."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if any(mp == t or mp.startswith(t.rstrip("/") + "/") for t in tops):
-                out.append(mp)
-    return out
+    """Host mount points at or below one of tops."""
+    return [m.mountpoint for m in proc.mounts()
+            if any(m.mountpoint == t or m.mountpoint.startswith(t.rstrip("/") + "/") for t in tops)]
 
 
 def mountinfo_lines():
