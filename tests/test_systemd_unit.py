@@ -281,7 +281,7 @@ def test_hardened_unit_still_runs_mkfs_loop_and_owner_removal(lab):
 # that systemd-analyze security scores the unit against.
 HARDENING = ("NoNewPrivileges", "RestrictAddressFamilies", "RestrictNamespaces", "LockPersonality",
              "RestrictRealtime", "RestrictSUIDSGID", "SystemCallArchitectures", "SystemCallFilter",
-             "SystemCallErrorNumber", "MemoryDenyWriteExecute")
+             "SystemCallErrorNumber", "MemoryDenyWriteExecute", "CapabilityBoundingSet")
 
 
 def exposure(lab, unit):
