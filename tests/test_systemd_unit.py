@@ -5,8 +5,8 @@ it, and the unit started, restarted, stopped, killed and analysed there.
 The tests run in file order on one booted container (module scope), each a
 step of a node's life: start, a job made by the Prolog, restart and stop
 with that job live, a crash, the hardening's effect on what the daemon
-runs, the Epilog.  About a minute once the root filesystem is cached (it is
-made on the first run with debootstrap, about a minute more).
+runs, the Epilog.  About 15 s once the root filesystem is cached (it is
+made on the first run with debootstrap: about a minute more).
 """
 
 import json
