@@ -347,10 +347,17 @@ class SystemdLab:
                  input=text)
 
     def copy_checkout(self, dest):
-        """The checkout's files (tracked and untracked, not ignored) to dest inside."""
-        files = _run(["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                     check=True).stdout
-        tar = subprocess.run(["tar", "--null", "-C", REPO, "-T", "-", "-cf", "-"], input=files.encode(),
+        """The checkout's files (tracked and untracked, not ignored) to dest
+        inside; a copy that is not a git work tree (tools/trixie-leg.sh
+        makes one) goes whole but for its venv and build products."""
+        files = _run(["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        if files.returncode == 0:
+            argv = ["tar", "--null", "-C", REPO, "-T", "-", "-cf", "-"]
+        else:
+            argv = ["tar", "-C", REPO, "--exclude=./.venv", "--exclude=./.git", "--exclude=./build",
+                    "--exclude=__pycache__", "--exclude=*.egg-info", "-cf", "-", "."]
+        tar = subprocess.run(argv, input=files.stdout.encode() if files.returncode == 0 else None,
+                             stdin=None if files.returncode == 0 else subprocess.DEVNULL,
                              capture_output=True, check=True).stdout
         self.run(["sh", "-c", 'rm -rf "$1" && mkdir -p "$1" && tar -xf - -C "$1"', "sh", dest], input=tar)
 
