@@ -181,6 +181,16 @@ def test_prolog_creates_a_job_namespace(lab):
     assert JOB in json.dumps(listed), f"privtmpctl list does not show job {JOB}: {listed}"
 
 
+def test_doctor_is_healthy_under_systemd(lab):
+    """privtmpctl doctor on a booted systemd: / is shared (systemd makes it
+    so at boot, which this host without systemd never shows), the run
+    directory's private mount and the daemon are found."""
+    r = privtmpctl(lab, "doctor", check=False)
+    assert r.returncode == 0 and "\n0 problem(s)" in r.stdout, f"doctor found problems:\n{r.stdout}{r.stderr}"
+    assert re.search(r"^\[ ok \] host propagation: / is shared", r.stdout, re.M), r.stdout
+    assert re.search(r"^\[ ok \] run directory: .* is a private mount", r.stdout, re.M), r.stdout
+
+
 def test_restart_keeps_the_live_job(lab):
     before = props(lab, "MainPID")["MainPID"]
     ns = pin_ns(lab)
