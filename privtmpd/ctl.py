@@ -487,6 +487,21 @@ def cmd_slurm_config(cfg, args):
               "then reinstall privtmpd (or make -C spank install)", file=sys.stderr)
 
 
+def cmd_install(cfg_path, args):
+    from .install import InstallError, install, uninstall
+    try:
+        actions = uninstall(args.root) if args.uninstall else install(args.root, with_spank=not args.no_spank)
+    except InstallError as e:
+        raise CtlError(str(e)) from None
+    if args.json:
+        return _print_json({"files": [{"path": p, "action": a} for p, a in actions]})
+    for path, what in actions:
+        print(f"{what:>9}  {args.root}{path}")
+    if not args.uninstall:
+        print("next: privtmpctl slurm-config prints the slurm.conf and plugstack.conf lines; "
+              "systemctl daemon-reload && systemctl enable --now privtmpd")
+
+
 def cmd_doctor(cfg_path, args):
     from .doctor import FAIL, WARN, run_checks
     results = run_checks(cfg_path, args.slurm_conf)
@@ -566,6 +581,16 @@ def build_parser():
     add(csub, "check", cmd_config_check, "validate the configuration file against this system")
     add(sub, "slurm-config", cmd_slurm_config, "print the slurm.conf and plugstack.conf lines for this "
         "installation")
+    sp = add(sub, "install", cmd_install, "from a virtualenv (/opt/privtmpd): put launchers for the daemon, "
+             "the CLI and the hooks, the entry helper and the unit at the stable paths the .deb and the RPM "
+             "use; never overwrites a file it did not write")
+    sp.add_argument("--no-spank", action="store_true", help="without the entry helper (not built: no "
+                    "libslurm-dev/slurm-devel when pip ran)")
+    sp.add_argument("--uninstall", action="store_true", help="remove what privtmpctl install wrote (and "
+                    "nobody changed since); the configuration stays")
+    sp.add_argument("--root", default="", metavar="DIR", help="install into the root filesystem at DIR "
+                    "(an image being built) instead of /")
+    sp.set_defaults(needs_config=False)
     return p
 
 
