@@ -123,14 +123,16 @@ def _program_launcher(venv, prog, pyver):
     # A Python upgrade (3.11 -> 3.13 with Debian 13) leaves bin/python3 of
     # the virtualenv pointing at the new interpreter, which finds none of the
     # packages installed under lib/python3.11: say so instead of a traceback
-    # about a missing module, and how to recreate the virtualenv.
+    # about a missing module, and how to recreate the virtualenv.  -I: the
+    # check must not find a privtmpd in the current directory.
     major, minor = pyver
     return f"""#!/bin/sh
 {LAUNCHER_MARK}{venv}
 # A stable path (the unit's ExecStart, slurm.conf, scripts) for the {prog} of
 # that virtualenv, which was made for Python {major}.{minor}.
 venv={venv}
-if ! "$venv/bin/python3" -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))' 2>/dev/null \\
+if ! "$venv/bin/python3" -I -c 'import sys, privtmpd; sys.exit(sys.version_info[:2] != ({major}, {minor}))' \\
+        2>/dev/null \\
         || [ ! -x "$venv/bin/{prog}" ]; then
     echo "{prog}: the virtualenv $venv (made for Python {major}.{minor}) no longer runs: it was removed, or" \\
          "Python was upgraded.  Recreate it: {_reinstall_hint(venv)}" >&2
