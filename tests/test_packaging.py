@@ -232,7 +232,8 @@ def test_sdist_contents(work):
                  "packaging/privtmpd.spec", "systemd/privtmpd.service", "spank/privtmpd_spank.c", "spank/Makefile",
                  "spank/trusted_dir.h",
                  "docs/admin-guide.md", "docs/privtmpd.conf.example", "scripts/prolog.py", "scripts/epilog.py",
-                 "privtmpd/ctl.py", "tools/bootstrap.sh", "tests/test_ctl.py"):
+                 "privtmpd/ctl.py", "tools/bootstrap.sh", "tests/test_ctl.py", "tools/build-deb.sh",
+                 "tools/bookworm-root.sh", "packaging/debian/control.in", "packaging/debian/postinst"):
         assert path in names, path
 
 

@@ -46,7 +46,13 @@ trap 'rm -rf "$WORK"' EXIT
 SRC=$WORK/src PKG=$WORK/pkg
 mkdir -p "$SRC"
 # The checkout's files (tracked and untracked, not ignored): no stale build/.
-(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$SRC"
+# An unpacked release tarball has no git: everything but build output.
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$SRC"
+else
+    tar -C "$REPO" --exclude=./build --exclude=./dist --exclude=./.venv --exclude='*.egg-info' \
+        --exclude=__pycache__ -cf - . | tar -xf - -C "$SRC"
+fi
 if [ "${VERSION%-*}" != "$UPSTREAM" ]; then
     # Another version of the same tree: the code reports what it is.
     sed -i "s/^__version__ = .*/__version__ = \"${VERSION%-*}\"/" "$SRC/privtmpd/__init__.py"
