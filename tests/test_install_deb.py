@@ -2,8 +2,9 @@
 apt (dependencies from the distribution), files at the stable paths,
 slurm-config naming them, the Prolog and Epilog against the installed
 daemon, an upgrade with a job running (its namespace, its directories and
-its processes survive, the Epilog tears it down after), remove (conffile
-kept) and purge (conffile gone)."""
+its processes survive, the Epilog tears it down after), removed and
+installed again with a job running, remove (conffile kept) and purge
+(conffile gone)."""
 
 import json
 import os
@@ -150,6 +151,24 @@ def test_deb_install_upgrade_remove_purge_on_a_clean_debian12(debs, node):
     node.wait_for(f"! test -e /proc/{job_pid}/status || grep -q '^State:.*Z' /proc/{job_pid}/status",
                   what="the job's process to be killed")
     node.wait_for("! test -e /tmp/slurm.42.0", what="the job's directories to be removed")
+
+    # --- removed with a job running, then installed again: the job's pin
+    # and directories outlive the package, and the reinstalled daemon
+    # serves its Epilog.
+    env43 = dict(JOB_ENV, SLURM_JOB_ID="43")
+    node.run("/usr/libexec/privtmpd/prolog", env=env43)
+    node.run("echo kept > /tmp/slurm.43.0/tmp/file")
+    stop_daemon(node, daemon)
+    node.run("apt-get remove -y -q privtmpd")
+    assert not node.exists("/usr/sbin/privtmpd")
+    assert node.exists("/run/privtmpd/ns/43")
+    assert node.run("nsenter --mount=/run/privtmpd/ns/43 -- cat /tmp/file").stdout == "kept\n"
+    node.run(f"apt-get install -y -q {new}")
+    daemon = start_daemon(node)
+    assert "43" in json.dumps(json.loads(node.run("privtmpctl list --json --no-usage").stdout))
+    node.run("/usr/libexec/privtmpd/epilog", env=env43)
+    assert not node.exists("/run/privtmpd/ns/43")
+    node.wait_for("! test -e /tmp/slurm.43.0", what="job 43's directories to be removed")
 
     # --- remove: code gone, conffile kept; purge: conffile gone.
     stop_daemon(node, daemon)
