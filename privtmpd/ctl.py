@@ -482,6 +482,12 @@ def cmd_slurm_config(cfg, args):
         print(f"Epilog={epilog}")
     print("# plugstack.conf (every node, and submit hosts: srun/sbatch load it too)")
     print(plugstack_line(cfg))
+    from .install import LIBEXEC_DIR
+    for kind, path in (("prolog", prolog), ("epilog", epilog)):
+        stable = f"{LIBEXEC_DIR}/{kind}"
+        if path != stable and os.path.lexists(stable):
+            print(f"# note: {stable} belongs to another installation of privtmpd than this privtmpctl "
+                  f"({path}); run the privtmpctl of the installation slurm.conf should use", file=sys.stderr)
     if not so:
         print("# note: the entry helper is not built here; install libslurm-dev (or slurm-devel) and gcc, "
               "then reinstall privtmpd (or make -C spank install)", file=sys.stderr)

@@ -101,6 +101,11 @@ def test_readme_deb_install(checkout_with_deb, node):
     node.put(checkout_with_deb, "/xfer/src")
     out = run_block(node, "deb", "/xfer/src").stdout
     assert_stable_slurm_config(out)
+    # Another installation's privtmpctl (the checkout's) prints its own
+    # hooks and says that the stable paths belong to someone else.
+    r = node.run("python3 -m privtmpd.ctl slurm-config", cwd="/xfer/src")
+    assert "Prolog=/xfer/src/scripts/prolog.py\n" in r.stdout, r.stdout
+    assert "# note: /usr/libexec/privtmpd/prolog belongs to another installation" in r.stderr, r.stderr
     node.run("/usr/sbin/privtmpd")
     node.wait_for("privtmpctl status >/dev/null", what="the daemon")
     hooks_work(node, 7)
