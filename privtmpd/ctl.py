@@ -482,9 +482,30 @@ def cmd_slurm_config(cfg, args):
         print(f"Epilog={epilog}")
     print("# plugstack.conf (every node, and submit hosts: srun/sbatch load it too)")
     print(plugstack_line(cfg))
+    from .install import LIBEXEC_DIR
+    for kind, path in (("prolog", prolog), ("epilog", epilog)):
+        stable = f"{LIBEXEC_DIR}/{kind}"
+        if path != stable and os.path.lexists(stable):
+            print(f"# note: {stable} belongs to another installation of privtmpd than this privtmpctl "
+                  f"({path}); run the privtmpctl of the installation slurm.conf should use", file=sys.stderr)
     if not so:
         print("# note: the entry helper is not built here; install libslurm-dev (or slurm-devel) and gcc, "
               "then reinstall privtmpd (or make -C spank install)", file=sys.stderr)
+
+
+def cmd_install(cfg_path, args):
+    from .install import InstallError, install, uninstall
+    try:
+        actions = uninstall(args.root) if args.uninstall else install(args.root, with_spank=not args.no_spank)
+    except InstallError as e:
+        raise CtlError(str(e)) from None
+    if args.json:
+        return _print_json({"files": [{"path": p, "action": a} for p, a in actions]})
+    for path, what in actions:
+        print(f"{what:>9}  {args.root}{path}")
+    if not args.uninstall:
+        print("next: privtmpctl slurm-config prints the slurm.conf and plugstack.conf lines; "
+              "systemctl daemon-reload && systemctl enable --now privtmpd")
 
 
 def cmd_doctor(cfg_path, args):
@@ -566,6 +587,16 @@ def build_parser():
     add(csub, "check", cmd_config_check, "validate the configuration file against this system")
     add(sub, "slurm-config", cmd_slurm_config, "print the slurm.conf and plugstack.conf lines for this "
         "installation")
+    sp = add(sub, "install", cmd_install, "from a virtualenv (/opt/privtmpd): put launchers for the daemon, "
+             "the CLI and the hooks, the entry helper and the unit at the stable paths the .deb and the RPM "
+             "use; never overwrites a file it did not write")
+    sp.add_argument("--no-spank", action="store_true", help="without the entry helper (not built: no "
+                    "libslurm-dev/slurm-devel when pip ran)")
+    sp.add_argument("--uninstall", action="store_true", help="remove what privtmpctl install wrote (and "
+                    "nobody changed since); the configuration stays")
+    sp.add_argument("--root", default="", metavar="DIR", help="install into the root filesystem at DIR "
+                    "(an image being built) instead of /")
+    sp.set_defaults(needs_config=False)
     return p
 
 

@@ -82,10 +82,10 @@ def test_unit_verifies(work, man_tree):
     assert os.access(exe, os.X_OK), exe
     with open(UNIT) as f:
         text = f.read()
-    assert text.count("ExecStart=/usr/bin/privtmpd ") == 1
+    assert text.count("ExecStart=/usr/sbin/privtmpd ") == 1
     copy = os.path.join(work, "privtmpd.service")
     with open(copy, "w") as f:
-        f.write(text.replace("ExecStart=/usr/bin/privtmpd ", f"ExecStart={exe} "))
+        f.write(text.replace("ExecStart=/usr/sbin/privtmpd ", f"ExecStart={exe} "))
     # verify also runs man(1) for each Documentation=man: page.
     r = subprocess.run(["systemd-analyze", "verify", copy], capture_output=True, text=True,
                        env=dict(os.environ, MANPATH=man_tree), timeout=120)
@@ -232,7 +232,8 @@ def test_sdist_contents(work):
                  "packaging/privtmpd.spec", "systemd/privtmpd.service", "spank/privtmpd_spank.c", "spank/Makefile",
                  "spank/trusted_dir.h",
                  "docs/admin-guide.md", "docs/privtmpd.conf.example", "scripts/prolog.py", "scripts/epilog.py",
-                 "privtmpd/ctl.py", "tools/bootstrap.sh", "tests/test_ctl.py"):
+                 "privtmpd/ctl.py", "tools/bootstrap.sh", "tests/test_ctl.py", "tools/build-deb.sh",
+                 "tools/bookworm-root.sh", "packaging/debian/control.in", "packaging/debian/postinst"):
         assert path in names, path
 
 
@@ -263,9 +264,9 @@ def test_rpmbuild(work):
         return subprocess.run(["rpm", "-qp", *args, rpm], capture_output=True, text=True, check=True).stdout
 
     files = set(q("-l").split())
-    for path in ("/usr/bin/privtmpd", "/usr/bin/privtmpctl", "/usr/lib/systemd/system/privtmpd.service",
+    for path in ("/usr/sbin/privtmpd", "/usr/sbin/privtmpctl", "/usr/lib/systemd/system/privtmpd.service",
                  "/etc/privtmpd/privtmpd.conf", "/usr/lib64/privtmpd/privtmpd_spank.so",
-                 "/usr/libexec/privtmpd/prolog.py", "/usr/libexec/privtmpd/epilog.py",
+                 "/usr/libexec/privtmpd/prolog", "/usr/libexec/privtmpd/epilog",
                  "/usr/share/privtmpd/spank/privtmpd_spank.c", "/usr/share/privtmpd/spank/trusted_dir.h"):
         assert path in files, path
     for page, section in MAN.items():
@@ -293,7 +294,7 @@ def test_rpmbuild(work):
         # paths) that the "data" filter would refuse: extracted as tar(1) does.
         t.extractall(root, **({"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}))
     for hook in ("prolog", "epilog"):
-        link = f"{root}/usr/libexec/privtmpd/{hook}.py"
+        link = f"{root}/usr/libexec/privtmpd/{hook}"
         target = os.readlink(link)
         assert target.endswith(f"/privtmpd/hooks/{hook}.py")
         assert stat.S_IMODE(os.stat(root + target).st_mode) == 0o755

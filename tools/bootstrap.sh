@@ -10,11 +10,13 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 # (systemd-analyze), man-db and groff-base: the packaging tests build the
 # RPM, verify the unit and render the man pages.  libpam0g-dev: the PAM
 # module (pam/) and its test driver; e2fsprogs: limit= makes ext4 images;
-# debootstrap and systemd-container (systemd-nspawn): the unit's test boots
-# a Debian 12 container with systemd as PID 1 (tests/systemdlab.py).
+# dpkg-dev: tools/build-deb.sh; debootstrap: the clean Debian 12 roots the
+# installation tests install into and the unit's test boots;
+# systemd-container (systemd-nspawn): that boot, with systemd as PID 1
+# (tests/systemdlab.py).
 PKGS="slurmctld slurmd slurm-client munge libslurm-dev gcc make python3 python3-venv python3-pip
       util-linux e2fsprogs strace procps iproute2 rpm systemd man-db groff-base python3-setuptools
-      libpam0g-dev debootstrap systemd-container"
+      libpam0g-dev dpkg-dev debootstrap systemd-container"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
