@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import privileged_skip
-from systemdlab import REPO, LabUnavailable, SystemdLab, ensure_rootfs
+from systemdlab import LabUnavailable, SystemdLab, ensure_rootfs
 
 pytestmark = pytest.mark.root
 
@@ -33,31 +33,28 @@ JOB_DIR = f"/tmp/slurm.{JOB}.0"
 MARK = "written-before-the-restart"
 
 
+UNIT_PATH = f"/lib/systemd/system/{UNIT}"
+
+
 def install_privtmpd(lab):
-    """Put privtmpd on the booted system as a package would: the daemon at
-    /usr/sbin/privtmpd, privtmpctl in /usr/sbin, the unit in
-    /etc/systemd/system.  For now a venv of the checkout (offline: Debian's
-    psutil and python-daemon through --system-site-packages, setuptools
-    from Debian, no index); replace this one function with the .deb or
-    `privtmpctl install` when they exist.  Returns the daemon's path."""
+    """Install privtmpd on the booted system the way the README's
+    virtualenv path does: a venv at /opt/privtmpd, then `privtmpctl
+    install`, which writes the launchers (/usr/sbin/privtmpd, privtmpctl,
+    the hooks) and the shipped unit at the stable paths.  Offline: Debian's
+    psutil and python-daemon through --system-site-packages, no index (the
+    container has no network).  The .deb path is tested in
+    test_install_deb.py.  Returns the daemon's path."""
     lab.copy_checkout("/usr/src/privtmpd")
     lab.run(["python3", "-m", "venv", "--system-site-packages", VENV])
     lab.run([f"{VENV}/bin/pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
              "/usr/src/privtmpd"], timeout=180)
-    lab.run(["ln", "-sf", f"{VENV}/bin/privtmpd", "/usr/sbin/privtmpd"])
-    lab.run(["ln", "-sf", f"{VENV}/bin/privtmpctl", "/usr/sbin/privtmpctl"])
-    daemon = "/usr/sbin/privtmpd"
-    with open(f"{REPO}/systemd/privtmpd.service") as f:
-        unit = f.read()
-    # The unit as shipped, with ExecStart= naming where this install put
-    # the daemon (packages differ: /usr/bin in the RPM, /usr/sbin here).
+    lab.run([f"{VENV}/bin/privtmpctl", "install", "--no-spank"], timeout=60)
+    unit = lab.run(["cat", UNIT_PATH]).stdout
     execs = re.findall(r"^ExecStart=(\S+) ", unit, re.M)
-    assert len(execs) == 1, f"the unit must have one ExecStart=, has {execs}"
-    unit = unit.replace(f"ExecStart={execs[0]} ", f"ExecStart={daemon} ")
-    lab.write(f"/etc/systemd/system/{UNIT}", unit)
+    assert execs == ["/usr/sbin/privtmpd"], f"the installed unit must start /usr/sbin/privtmpd, has {execs}"
     lab.write(CONF, BASE_CONF)
     lab.run(["systemctl", "daemon-reload"])
-    return daemon
+    return execs[0]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +130,7 @@ def in_job(lab, script, pin=PIN, user=USER, check=True):
 
 def test_unit_verifies_on_the_booted_system(lab):
     # --man=no: the container has no man(1); test_packaging checks the pages.
-    r = lab.run(["systemd-analyze", "verify", "--man=no", f"/etc/systemd/system/{UNIT}"], check=False)
+    r = lab.run(["systemd-analyze", "verify", "--man=no", UNIT_PATH], check=False)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), \
         f"systemd-analyze verify complained:\n{r.stdout}{r.stderr}"
 
@@ -306,7 +303,7 @@ def exposure(lab, unit):
 
 
 def test_security_analysis_scores_the_hardening(lab, figures):
-    unit = lab.run(["cat", f"/etc/systemd/system/{UNIT}"]).stdout
+    unit = lab.run(["cat", UNIT_PATH]).stdout
     logical = unit.replace("\\\n", " ").splitlines()     # systemd's line continuation
     bare = "\n".join(ln for ln in logical if ln.split("=", 1)[0] not in HARDENING)
     assert bare != unit, "the unit has none of the hardening options"
