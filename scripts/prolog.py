@@ -35,7 +35,35 @@ def _find_package():
             pass
 
 
+def _kind():
+    # slurmd says which hook this is (SLURM_SCRIPT_CONTEXT); an Epilog run
+    # as a Prolog would build a namespace at job end that nothing tears
+    # down.  Without it (run by hand), the first name in the symlink chain
+    # that says prolog or epilog: /etc/slurm/epilog.d/50-privtmpd ->
+    # /usr/libexec/privtmpd/epilog is the Epilog.
+    import posix
+    ctx = posix.environ.get(b"SLURM_SCRIPT_CONTEXT", b"")
+    if ctx in (b"prolog_slurmd", b"epilog_slurmd"):
+        return ctx[:6].decode()
+    if ctx:
+        sys.exit(f"privtmpd: SLURM_SCRIPT_CONTEXT={ctx.decode(errors='replace')!r}: this is the slurmd "
+                 f"Prolog/Epilog (Prolog= and Epilog= in slurm.conf), not a PrologSlurmctld or task hook")
+    path = __file__
+    for _ in range(40):
+        name = path.rpartition("/")[2]
+        if name.startswith(("prolog", "epilog")):
+            return name[:6]
+        try:
+            target = posix.readlink(path)
+        except OSError:
+            break
+        head, sep, _ = path.rpartition("/")
+        path = target if target.startswith("/") else head + sep + target
+    sys.exit(f"privtmpd: cannot tell Prolog from Epilog: no name in {__file__}'s symlink chain starts "
+             f"with prolog or epilog, and SLURM_SCRIPT_CONTEXT is not set")
+
+
 _find_package()
 from privtmpd.client import exit_hook, run_hook  # noqa: E402
 
-exit_hook(run_hook("epilog" if __file__.rpartition("/")[2].startswith("epilog") else "prolog"))
+exit_hook(run_hook(_kind()))

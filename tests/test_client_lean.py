@@ -123,3 +123,38 @@ def test_exit_hook_keeps_status_and_output(code):
             "print('out', end=''); sys.stderr.write('err'); exit_hook(%d); print('not reached')" % (REPO, code))
     r = subprocess.run(["/usr/bin/python3", "-IS", "-c", prog], capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stdout, r.stderr) == (code, "out", "err")
+
+
+@pytest.mark.parametrize("link_to,ctx,op", [
+    ("epilog.py", None, "destroy"),                 # epilog.d/50-privtmpd -> .../epilog: the chain says so
+    ("prolog.py", None, "create"),
+    ("prolog.py", "epilog_slurmd", "destroy"),      # slurmd's word wins over a wrong link
+    ("epilog.py", "prolog_slurmd", "create"),
+    ("epilog.py", "prolog_slurmctld", None),        # not a hook of ours: refused
+])
+def test_the_hook_kind_comes_from_slurmd_or_the_link_chain(tmp_path, fake_daemon, link_to, ctx, op):
+    """An Epilog run as a Prolog would build a namespace at job end that
+    nothing tears down: the kind is never guessed from a name like
+    /etc/slurm/epilog.d/50-privtmpd."""
+    path, serve, got = fake_daemon
+    t = serve(b'{"ok":true}\n')
+    hook = tmp_path / "50-privtmpd"
+    hook.symlink_to(os.path.join(REPO, "scripts", link_to))
+    env = dict(ENV, **({"SLURM_SCRIPT_CONTEXT": ctx} if ctx else {}))
+    r = subprocess.run([str(hook), "--socket", path], env=env, capture_output=True, text=True, timeout=60)
+    if op:
+        t.join(5)
+        assert r.returncode == 0 and json.loads(got[0])["op"] == op, (r.stderr, got)
+    else:
+        assert r.returncode != 0 and "not a PrologSlurmctld" in r.stderr and not got, r.stderr
+
+
+def test_a_hook_named_neither_way_refuses_to_guess(tmp_path):
+    (tmp_path / "bin").mkdir()
+    hook = tmp_path / "bin" / "50-privtmpd"
+    hook.write_bytes(open(os.path.join(REPO, "scripts", "prolog.py"), "rb").read())
+    hook.chmod(0o755)
+    (tmp_path / "privtmpd").symlink_to(os.path.join(REPO, "privtmpd"))
+    r = subprocess.run([str(hook), "--socket", str(tmp_path / "none")], env={"SLURM_JOB_ID": "5"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "cannot tell Prolog from Epilog" in r.stderr, r.stderr
