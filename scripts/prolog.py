@@ -40,12 +40,13 @@ def _kind():
     # as a Prolog would build a namespace at job end that nothing tears
     # down.  Without it (run by hand), the first name in the symlink chain
     # that says prolog or epilog: /etc/slurm/epilog.d/50-privtmpd ->
-    # /usr/libexec/privtmpd/epilog is the Epilog.
+    # /usr/libexec/privtmpd/epilog is the Epilog.  A context of another
+    # Slurm version that is not the controller's also falls back to that.
     import posix
     ctx = posix.environ.get(b"SLURM_SCRIPT_CONTEXT", b"")
     if ctx in (b"prolog_slurmd", b"epilog_slurmd"):
         return ctx[:6].decode()
-    if ctx:
+    if ctx.endswith(b"_slurmctld"):
         sys.exit(f"privtmpd: SLURM_SCRIPT_CONTEXT={ctx.decode(errors='replace')!r}: this is the slurmd "
                  f"Prolog/Epilog (Prolog= and Epilog= in slurm.conf), not a PrologSlurmctld or task hook")
     path = __file__
