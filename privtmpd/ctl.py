@@ -241,6 +241,9 @@ def cmd_show(cfg, args):
         rows.append(("created", f"{time.ctime(j['created'])} ({_age(j['age_seconds'])} ago)"))
     if j.get("limit"):
         rows.append(("limit", f"{_human(j['limit'])}, " + ("allocated in full" if j.get("reserved") else "sparse")))
+    for m, size in sorted((j.get("tmpfs") or {}).items()):
+        used = (j.get("tmpfs_used") or {}).get(m)
+        rows.append(("tmpfs", f"{m}: " + (f"{_human(used[0])} used of {_human(used[1])}" if used else f"size={size}")))
     rows.append(("usage", "-" if j["bytes"] is None else f"{_human(j['bytes'])} in {j['entries']} entries"))
     rows.append(("procs", " ".join(map(str, j.get("processes", []))) or "none"))
     for key, value in rows:

@@ -31,7 +31,7 @@ import struct
 import sys
 import time
 
-from . import __version__, config, kernel, limitfs, names, namespace, proc, protocol, runstate, safefs
+from . import __version__, config, kernel, limitfs, mountopts, names, namespace, proc, protocol, runstate, safefs
 from .logfmt import describe, event
 from .metrics import Metrics
 
@@ -494,6 +494,11 @@ class Daemon:
             keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
             info = namespace.destroy(cfg, f["job"], restart_hint=f.get("restart"), on_trash=self.queue_removal,
                                      keep_until=keep, exit_code=code)
+            if keep and cfg.tmpfs:
+                # A tmpfs= point lives only in the job's namespace, gone with it.
+                log.info(event("destroy", "not-kept-tmpfs", f["job"], self.req_user, exit_code=code,
+                               mounts=",".join(m for m, _ in cfg.tmpfs),
+                               note="tmpfs= mount points are freed with the namespace and cannot be kept"))
             for why in info["keep_errors"]:
                 log.warning(event("destroy", "not-kept", f["job"], self.req_user, exit_code=code, error=why,
                                   note="removed instead"))
@@ -524,6 +529,8 @@ class Daemon:
                 st["processes"] = proc.processes_in(ident) if ident else []
                 if st.get("limit") and isinstance(st.get("dir"), str):
                     st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
+                if isinstance(st.get("tmpfs"), dict) and ident:
+                    st["tmpfs_used"] = mountopts.tmpfs_usage(names.pin_path(cfg.rundir, job), list(st["tmpfs"]))
                 jobs.append(st)
             if op == "show" and not jobs:
                 return protocol.error(f"no job {f['job']} on this node", "not-found")

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from . import kernel, limitfs, names, proc, runstate, safefs
+from . import kernel, limitfs, mountopts, names, proc, runstate, safefs
 from .kernel import KernelError
 
 
@@ -47,7 +47,7 @@ def _build_and_pin(cfg, job, binds, timeout):
     reaches the one where the daemon's own namespace was made."""
     cpus = sorted(os.sched_getaffinity(0))
     for cpu in [None] + cpus:
-        nsfd = build_namespace(binds, cfg.shm, timeout, cpu)
+        nsfd = build_namespace(binds, cfg.shm, timeout, cpu, tmpfs=mountopts.tmpfs_plan(cfg))
         try:
             runstate.pin(cfg, job, nsfd)
             return
@@ -72,9 +72,11 @@ def _mount_flags_of(fd):
     return flags
 
 
-def _setup_in(binds, shm, opened):
-    """Runs in the namespace thread: unshare, rslave, bind, remount.  Every
-    fd it opens is appended to `opened` (the fd table is the daemon's)."""
+def _setup_in(binds, shm, opened, tmpfs=()):
+    """Runs in the namespace thread: unshare, rslave, bind, remount, mount
+    the tmpfs= points.  Every fd it opens is appended to `opened` (the fd
+    table is the daemon's).  binds: (target, source path, dev, ino[, extra
+    MS_* flags]); tmpfs: (target, mount data, extra MS_* flags)."""
     # The thread shares the daemon's fd table and memory but not, after
     # this, its mount namespace or fs_struct (CLONE_NEWNS implies CLONE_FS;
     # only CLONE_VM/SIGHAND/THREAD/NEWUSER are refused to threads).  The
@@ -87,14 +89,22 @@ def _setup_in(binds, shm, opened):
     # Open every source and target first: mounting over /tmp hides a base
     # under /tmp, so the order of mount= must not matter.
     pairs = []
-    for target, src_path, dev, ino in binds:
+    for target, src_path, dev, ino, *extra in binds:
         src = safefs.open_verified(src_path, dev, ino)
         opened.append(src)
         tgt = safefs.open_dir(target, safefs.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         opened.append(tgt)
-        pairs.append((target, src, tgt))
-    for target, src, tgt in pairs:
-        flags = _mount_flags_of(src)
+        pairs.append((target, src, tgt, extra[0] if extra else 0))
+    fresh = []
+    for target, data, extra in tmpfs:
+        tgt = safefs.open_dir(target, safefs.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        opened.append(tgt)
+        fresh.append((tgt, data, extra))
+    for target, src, tgt, extra in pairs:
+        # mount_options= only adds flags: the source's own (a noexec or
+        # read-only filesystem, flags locked by a user namespace) are kept,
+        # since a remount that drops a locked flag fails with EPERM.
+        flags = _mount_flags_of(src) | extra
         kernel.mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, kernel.MS_BIND)
         # Remount through an fd on the new mount's root, checked to be the
         # job's directory (a bind's root is that very inode), not by path.
@@ -102,6 +112,8 @@ def _setup_in(binds, shm, opened):
         top = safefs.open_verified(target, st.st_dev, st.st_ino)
         opened.append(top)
         kernel.mount(None, f"/proc/self/fd/{top}", None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
+    for tgt, data, extra in fresh:
+        mountopts.mount_tmpfs(tgt, data, extra)
     if shm:
         # shm=job:N%: N% of the RAM until the entry helper, which knows the
         # job's memory on this node, resizes it in the job's first task.
@@ -122,9 +134,9 @@ class _NamespaceThread(threading.Thread):
     namespace, and a failure half-way leaves nothing behind but a namespace
     no one references."""
 
-    def __init__(self, binds, shm, cpu=None):
+    def __init__(self, binds, shm, cpu=None, tmpfs=()):
         super().__init__(name="privtmpd-ns", daemon=True)
-        self.binds, self.shm, self.cpu = binds, shm, cpu
+        self.binds, self.shm, self.cpu, self.tmpfs = binds, shm, cpu, tmpfs
         self.lock = threading.Lock()
         self.abandoned = False      # the daemon gave up waiting (timeout)
         self.nsfd = None
@@ -135,7 +147,7 @@ class _NamespaceThread(threading.Thread):
         try:
             if self.cpu is not None:
                 os.sched_setaffinity(0, {self.cpu})     # this thread only
-            nsfd = _setup_in(self.binds, self.shm, opened)
+            nsfd = _setup_in(self.binds, self.shm, opened, self.tmpfs)
         except BaseException as e:      # noqa: BLE001 - handed to the daemon
             self.error = e
             nsfd = None
@@ -161,11 +173,12 @@ class _NamespaceThread(threading.Thread):
         return self.nsfd
 
 
-def build_namespace(binds, shm, timeout=30.0, cpu=None):
+def build_namespace(binds, shm, timeout=30.0, cpu=None, tmpfs=()):
     """A new mount namespace, a rslave copy of the host's with binds
-    (target, source path, dev, ino) mounted and shm's tmpfs; returns an
-    O_RDONLY fd on it.  cpu: build it on that CPU (see _build_and_pin)."""
-    t = _NamespaceThread(binds, shm, cpu)
+    (target, source path, dev, ino[, extra flags]) mounted, tmpfs (target,
+    data, extra flags) mounted and shm's tmpfs; returns an O_RDONLY fd on
+    it.  cpu: build it on that CPU (see _build_and_pin)."""
+    t = _NamespaceThread(binds, shm, cpu, tmpfs)
     t.start()
     return t.result(timeout)
 
@@ -177,12 +190,14 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
 
     on_trash(parent, name) receives directories to remove in the background
     (a leftover of ours found at the job path)."""
-    plan = cfg.mount_plan()
+    plan = [(m, sub) for m, sub in cfg.mount_plan() if not cfg.tmpfs_size(m)]     # tmpfs=: no directory
     dname = names.job_dir_name(cfg.base_name, job, restart)
     dpath = f"{cfg.base_parent}/{dname}"
     state = {"job": job, "restart": restart, "uid": uid, "gid": gid, "user": user,
-             "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
+             "dir": dpath, "mounts": sorted(cfg.mounts), "shm": cfg.shm,
              "created": time.time(), "state": runstate.STATE_CREATING}
+    if cfg.tmpfs:
+        state["tmpfs"] = dict(cfg.tmpfs)
     limit = cfg.limit if limit is None else limit
     if limit:
         state["limit"] = limit
@@ -201,7 +216,7 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
         top = f"{dpath}/{limitfs.LIMITED_FS}"
         placement.subdirs, state["reserved"] = limitfs.make_limited_fs(cfg, dpath, [sub for _, sub in plan], uid, gid,
                                                                 limit)
-    binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
+    binds = [(m, f"{top}/{sub}", *placement.subdirs[sub], mountopts.extra_flags(cfg, m)) for m, sub in plan]
     _build_and_pin(cfg, job, binds, timeout)
     state["ns"] = list(runstate.pin_identity(cfg, job))
     state["state"] = runstate.STATE_READY
@@ -232,7 +247,8 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     subdirs = []
     if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
         top = f"{state['dir']}/{limitfs.LIMITED_FS}" if state.get("limit") else state["dir"]
-        subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
+        subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"]
+                   if isinstance(m, str) and not mountopts.is_tmpfs_state(state, m)]
     if ns_id or (subdirs and state.get("state") == runstate.STATE_READY):
         # Without a pin (unmounted by someone), the job's namespace lives on
         # as long as a process is in it: those are found by the job's
