@@ -51,6 +51,7 @@ class Config:
     # --- per mount point (mount_options=, tmpfs=; see the block before _KEYS)
     mount_options: tuple = ()   # ((mount point, ("noexec", ...)), ...): flags added to that bind
     tmpfs: tuple = ()           # ((mount point, size), ...): a private tmpfs instead of a directory under base
+    sbcast: bool = False        # job directory's top 0711: its owner reaches $base.J.R/tmp from the host (sbcast)
     source: str = "<defaults>"
     lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
 
@@ -262,6 +263,12 @@ def parse(text, source="<string>"):
                 raise ConfigError(f"{at(key)}: {key}={values[key]} must be between {lo} and {hi}")
             kw[key] = num
     kw.update(_parse_per_mount(per_mount, kw.get("mounts", Config.mounts), where_of))
+    if "sbcast" in values:
+        v = values["sbcast"].lower()
+        if v not in ("yes", "no"):
+            raise ConfigError(f"{at('sbcast')}: sbcast={values['sbcast']!r}: use sbcast=yes (let each job's "
+                              f"user reach their private /tmp from the host, where sbcast writes) or sbcast=no")
+        kw["sbcast"] = v == "yes"
     cfg = Config(**kw)
     _check_consistency(cfg, at)
     _check_per_mount(cfg)
@@ -284,7 +291,7 @@ _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_w
 # name contains ':' still works (the longest mount= that matches wins).
 
 _PER_MOUNT_KEYS = ("mount_options", "tmpfs")
-_KEYS |= set(_PER_MOUNT_KEYS)
+_KEYS |= set(_PER_MOUNT_KEYS) | {"sbcast"}
 
 # Accepted words.  nosuid and nodev are always set on every private mount
 # (a user-writable directory has no business holding setuid binaries or
@@ -374,6 +381,18 @@ def _check_per_mount(cfg):
         where = cfg.lines.get(f"tmpfs={m}", cfg.source)
         if m == "/dev/shm":
             raise ConfigError(f"{where}: tmpfs=/dev/shm: use shm=<size> (or shm=job:N%) for /dev/shm")
+    if cfg.sbcast:
+        where = cfg.lines.get("sbcast", cfg.source)
+        if "/tmp" not in cfg.mounts or cfg.tmpfs_size("/tmp"):
+            raise ConfigError(f"{where}: sbcast=yes gives sbcast the host path of the job's private /tmp, "
+                              f"which needs mount=/tmp as a directory under base (not tmpfs=/tmp)")
+        if cfg.limit:
+            raise ConfigError(f"{where}: sbcast=yes does not work with limit= yet (the job's /tmp is inside "
+                              f"its filesystem image); remove one of them")
+        if cfg.mode & 0o077:
+            raise ConfigError(f"{where}: sbcast=yes opens each job directory's top to other users' traversal, "
+                              f"so the job's own directories must be owner-only: mode={cfg.mode:04o} gives "
+                              f"group or others access; use mode=0700")
     if cfg.limit and cfg.tmpfs and all(cfg.tmpfs_size(m) for m in cfg.mounts):
         raise ConfigError(f"{cfg.lines.get('limit', cfg.source)}: limit= sizes the disk-backed mount "
                           f"points, but every mount point is a tmpfs= (whose size is its limit); "

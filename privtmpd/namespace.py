@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from . import kernel, limitfs, mountopts, names, proc, runstate, safefs
+from . import hostpath, kernel, limitfs, mountopts, names, proc, runstate, safefs
 from .kernel import KernelError
 
 
@@ -208,6 +208,8 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
                                           uid, gid, cfg.mode)
         if placement.displaced_ours and on_trash:
             on_trash(cfg.base_parent, placement.displaced_name)
+        if cfg.sbcast:
+            hostpath.open_top_to_owner(pfd, dname, placement.subdirs["tmp"])
     finally:
         os.close(pfd)
     state["displaced"] = placement.displaced

@@ -218,3 +218,49 @@ def test_tmpfs_with_keep_failed_keeps_the_disk_points_and_says_so(daemon_factory
     kept = reply["kept"][0]
     assert os.listdir(kept) == ["var_tmp"]
     assert "not-kept-tmpfs" in d.log() and "/tmp" in d.log()
+
+
+# --- sbcast=yes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("sbcast=maybe", "use sbcast=yes"),
+    ("mount=/var/tmp sbcast=yes", "needs mount=/tmp as a directory"),
+    ("mount=/tmp tmpfs=/tmp:1g sbcast=yes", "needs mount=/tmp as a directory"),
+    ("sbcast=yes limit=1g", "does not work with limit="),
+    ("sbcast=yes mode=0750", "must be owner-only"),
+])
+def test_bad_sbcast_settings_name_the_line(text, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(f"base=/tmp/slurm\n{text}\n", "/etc/privtmpd/privtmpd.conf")
+    assert str(e.value).startswith("/etc/privtmpd/privtmpd.conf:2: "), e.value
+    assert message in str(e.value), e.value
+
+
+@root
+def test_sbcast_opens_only_the_top_for_traversal(daemon_factory):
+    d = daemon_factory("sbcast=yes")
+    d.create(341, uid=65534, gid=65534)
+    top, sub = os.lstat(d.job_dir(341)), os.lstat(f"{d.job_dir(341)}/tmp")
+    assert top.st_uid == 0 and stat.S_IMODE(top.st_mode) == 0o711
+    assert sub.st_uid == 65534 and stat.S_IMODE(sub.st_mode) == 0o700
+    # The owner writes there from the host, as sbcast does; the job sees it.
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                        f"echo from-host > {d.job_dir(341)}/tmp/f"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert nsenter(d.pin(341), "cat", "/tmp/f").stdout == "from-host\n"
+    # Another user cannot.
+    r = subprocess.run(["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", "sh", "-c",
+                        f"ls {d.job_dir(341)}/tmp || echo x > {d.job_dir(341)}/tmp/g"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    d.destroy(341)
+    d.create(342)
+    assert stat.S_IMODE(os.lstat(d.job_dir(342)).st_mode) == 0o711
+    d.destroy(342)
+
+
+@root
+def test_without_sbcast_the_top_stays_root_only(daemon):
+    daemon.create(343)
+    assert stat.S_IMODE(os.lstat(daemon.job_dir(343)).st_mode) == 0o700
+    daemon.destroy(343)
