@@ -6,7 +6,10 @@ plain `sbcast f /tmp/f` lands in each node's shared /tmp.  With sbcast=yes
 in privtmpd.conf and host_tmp=BASE on the entry helper's plugstack line,
 the job gets PRIVTMPD_HOST_TMP, the host path of its private /tmp (the
 same on every node), and `sbcast f "$PRIVTMPD_HOST_TMP/f"` puts f in the
-job's /tmp on every node of the job."""
+job's /tmp on every node of the job.
+
+The same lab checks mount_options= and tmpfs= through Slurm: every task
+on every node gets them."""
 
 import os
 
@@ -19,11 +22,16 @@ pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.usefixtures("node
 
 U1, U2 = "privtmp1", "privtmp2"
 NODES = ("n1", "n2")
+# The lab's nodes run the production layout plus the per-mount-point
+# features: /tmp on disk with noexec (and reachable by sbcast), /var/tmp a
+# 16 MiB tmpfs of each job's own.
+CONF = ("base=/tmp/slurm\nmount=/tmp\nmount=/var/tmp\nsbcast=yes\n"
+        "mount_options=/tmp:noexec\ntmpfs=/var/tmp:16m\n")
 
 
 @pytest.fixture(scope="module")
 def stack():
-    s = LabStack(nodes=len(NODES), daemon_conf="base=/tmp/slurm\nmount=/tmp\nmount=/var/tmp\nsbcast=yes\n",
+    s = LabStack(nodes=len(NODES), daemon_conf=CONF,
                  plugstack_args="tmpdir=/tmp host_tmp=/tmp/slurm",
                  # Every node's Prolog at allocation: sbcast reaches nodes no step ran on yet.
                  extra_conf="PrologFlags=Alloc").start()
@@ -98,3 +106,25 @@ def _ids(user):
     import pwd
     pw = pwd.getpwnam(user)
     return pw.pw_uid, pw.pw_gid
+
+
+def test_mount_options_and_tmpfs_in_every_task_of_every_node(stack):
+    c = stack.cluster
+    script = r"""#!/bin/sh
+srun -N2 --ntasks-per-node=1 sh -c '
+h=$(hostname)
+cp /bin/true /tmp/t; /tmp/t; echo "EXEC $h $?"
+echo "FS $h $(stat -f -c %T /var/tmp) $(stat -c %a /var/tmp)"
+dd if=/dev/zero of=/var/tmp/fill bs=1M count=32 2>/dev/null; echo "DD $h $?"
+echo "USED $h $(du -sm /var/tmp | cut -f1)"'
+"""
+    r = c.sbatch(U1, script, args=["-N2", "--ntasks-per-node=1"])
+    assert r.returncode == 0, r.output
+    assert _lines(r.output, "EXEC") == [f"{n} 126" for n in NODES], r.output      # noexec
+    assert _lines(r.output, "FS") == [f"{n} tmpfs 1777" for n in NODES], r.output
+    assert _lines(r.output, "DD") == [f"{n} 1" for n in NODES], r.output          # ENOSPC
+    assert _lines(r.output, "USED") == [f"{n} 16" for n in NODES], r.output
+    for n in NODES:
+        assert not os.path.exists(stack.node_path(n, "/var/tmp/fill")), n
+    wait_for(lambda: not any(os.path.lexists(stack.job_dir(n, r.jobid)) for n in NODES), timeout=60,
+             what="the job's directories to be removed on every node")
