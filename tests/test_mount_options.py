@@ -264,3 +264,71 @@ def test_without_sbcast_the_top_stays_root_only(daemon):
     daemon.create(343)
     assert stat.S_IMODE(os.lstat(daemon.job_dir(343)).st_mode) == 0o700
     daemon.destroy(343)
+
+
+# --- doctor ------------------------------------------------------------------------
+
+def _doctor(conf, slurm_conf, check):
+    from privtmpd import doctor as doc
+    d = doc.Doctor(conf, slurm_conf)
+    assert d.check_config(), d.results
+    getattr(d, check)()
+    return d.results[-1] if d.results[1:] else None
+
+
+def _slurm_files(tmp_path, prolog_flags, plugstack_args):
+    ps = tmp_path / "plugstack.conf"
+    ps.write_text(f"required /usr/lib/privtmpd_spank.so {plugstack_args}\n")
+    sc = tmp_path / "slurm.conf"
+    sc.write_text(f"ClusterName=x\n{prolog_flags}\nPlugStackConfig={ps}\n")
+    return str(sc)
+
+
+def test_doctor_sbcast_needs_host_tmp_and_prolog_flags(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text("base=/tmp/slurm\nmount=/tmp\nsbcast=yes\n")
+    r = _doctor(str(conf), _slurm_files(tmp_path, "", "tmpdir=/tmp"), "check_sbcast")
+    assert r.status == "warn" and "no host_tmp=" in r.detail and "PrologFlags" in r.detail
+    assert "host_tmp=/tmp/slurm" in r.fix and "PrologFlags=Alloc" in r.fix
+    r = _doctor(str(conf), _slurm_files(tmp_path, "PrologFlags=Alloc,X11", "host_tmp=/tmp/slurm"), "check_sbcast")
+    assert r.status == "ok", r
+    r = _doctor(str(conf), _slurm_files(tmp_path, "PrologFlags=Contain", "host_tmp=/scratch/x"), "check_sbcast")
+    assert r.status == "warn" and "host_tmp=/scratch/x" in r.detail
+    conf.write_text("base=/tmp/slurm\nmount=/tmp\n")
+    r = _doctor(str(conf), _slurm_files(tmp_path, "PrologFlags=Alloc", "host_tmp=/tmp/slurm"), "check_sbcast")
+    assert r.status == "warn" and "no sbcast=yes" in r.detail
+    r = _doctor(str(conf), _slurm_files(tmp_path, "", ""), "check_sbcast")
+    assert r is None        # not used, nothing to say
+
+
+def test_doctor_tmpfs_sizes_against_ram(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text("mount=/tmp mount=/var/tmp tmpfs=/tmp:60% tmpfs=/var/tmp:50%\n")
+    r = _doctor(str(conf), "/dev/null", "check_tmpfs_sizes")
+    assert r.status == "warn" and "more than this node's" in r.detail
+    conf.write_text("mount=/tmp mount=/var/tmp tmpfs=/tmp:10% tmpfs=/var/tmp:1m\n")
+    assert _doctor(str(conf), "/dev/null", "check_tmpfs_sizes").status == "ok"
+
+
+@root
+def test_doctor_reports_files_a_job_user_left_in_the_shared_tmp(daemon):
+    from privtmpd import doctor as doc
+    r = _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers")
+    assert r is None                                  # no job, nothing to compare with
+    daemon.create(351, uid=65534, gid=65534)
+    path = "/var/tmp/privtmpd-test-sbcast-leftover"
+    link = "/var/tmp/privtmpd-test-sbcast-link"
+    try:
+        # What `sbcast f /var/tmp/f` does: the user writes in the host's namespace.
+        subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                        f"echo x > {path}; ln -s /etc/passwd {link}"], check=True)
+        r = _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers")
+        assert r.status == doc.WARN and f"{path} (uid 65534, job 351)" in r.detail, r
+        assert link not in r.detail                 # not a regular file; never followed
+        assert os.path.exists(path)                 # reported, never removed
+    finally:
+        for p in (path, link):
+            if os.path.lexists(p):
+                os.unlink(p)
+    assert _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers").status == doc.OK
+    daemon.destroy(351)
