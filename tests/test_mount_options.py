@@ -332,3 +332,10 @@ def test_doctor_reports_files_a_job_user_left_in_the_shared_tmp(daemon):
                 os.unlink(p)
     assert _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers").status == doc.OK
     daemon.destroy(351)
+
+
+def test_slurm_config_prints_host_tmp_with_sbcast():
+    from privtmpd import install
+    assert "host_tmp=" not in install.plugstack_line(config.parse("base=/tmp/slurm"))
+    line = install.plugstack_line(config.parse("base=/tmp/slurm sbcast=yes"))
+    assert line.endswith(" host_tmp=/tmp/slurm")
