@@ -617,7 +617,10 @@ class Doctor:
                             continue
                         hit = started.get(st.st_uid)
                         if hit and stat.S_ISREG(st.st_mode) and st.st_ctime >= hit[0]:
-                            found.append(f"{m}/{e.name} (uid {st.st_uid}, job {hit[1]})")
+                            # The name is the user's: escaped, so it cannot
+                            # write control sequences to the admin's terminal.
+                            shown = e.name.encode("unicode_escape", "backslashreplace").decode("ascii")
+                            found.append(f"{m}/{shown} (uid {st.st_uid}, job {hit[1]})")
             except OSError:
                 continue
         if found:

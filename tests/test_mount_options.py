@@ -318,16 +318,18 @@ def test_doctor_reports_files_a_job_user_left_in_the_shared_tmp(daemon):
     daemon.create(351, uid=65534, gid=65534)
     path = "/var/tmp/privtmpd-test-sbcast-leftover"
     link = "/var/tmp/privtmpd-test-sbcast-link"
+    evil = "/var/tmp/privtmpd-test-\x1b[2J-name"
     try:
         # What `sbcast f /var/tmp/f` does: the user writes in the host's namespace.
         subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
-                        f"echo x > {path}; ln -s /etc/passwd {link}"], check=True)
+                        f"echo x > {path}; ln -s /etc/passwd {link}; echo y > '{evil}'"], check=True)
         r = _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers")
         assert r.status == doc.WARN and f"{path} (uid 65534, job 351)" in r.detail, r
         assert link not in r.detail                 # not a regular file; never followed
+        assert "\x1b" not in r.detail and "privtmpd-test-\\x1b[2J-name" in r.detail   # escaped
         assert os.path.exists(path)                 # reported, never removed
     finally:
-        for p in (path, link):
+        for p in (path, link, evil):
             if os.path.lexists(p):
                 os.unlink(p)
     assert _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers").status == doc.OK
