@@ -175,6 +175,10 @@ def _jobs(cfg, op, job=None, usage=True):
             j["bytes"], j["entries"] = tree_usage(j["dir"], progress=progress, label=f"job {j['job']}")
         else:
             j["bytes"], j["entries"] = None, None
+        if j["bytes"] is not None and isinstance(j.get("tmpfs_used"), dict):
+            # tmpfs= points: nothing under the job directory; their usage was
+            # read by the daemon from inside the job's namespace.
+            j["bytes"] += sum(u[0] for u in j["tmpfs_used"].values())
         j["age_seconds"] = round(now - j["created"], 1) if j.get("created") else None
         j["user"] = _user_name(j)
     progress.done()

@@ -2,6 +2,7 @@
 (tmpfs=), against a real daemon and real namespaces: what a job sees is
 checked from inside the job's namespace, as the job's user."""
 
+import json
 import os
 import stat
 import subprocess
@@ -176,7 +177,10 @@ def test_tmpfs_point_is_private_sized_and_leaves_nothing(daemon_factory):
     assert job["tmpfs"] == {"/tmp": "8m"}
     assert 7 << 20 <= job["tmpfs_used"]["/tmp"][0] <= 8 << 20 and job["tmpfs_used"]["/tmp"][1] == 8 << 20
     r = ctl(d.conf_path, "show", "311")
-    assert r.returncode == 0 and "tmpfs" in r.stdout and "/tmp" in r.stdout, r.stdout
+    assert r.returncode == 0 and "tmpfs:   /tmp: 8.0M used of 8.0M" in r.stdout, r.stdout
+    r = ctl(d.conf_path, "list", "--json")
+    listed = {j["job"]: j for j in json.loads(r.stdout)["jobs"]}
+    assert listed[311]["bytes"] >= 7 << 20 and listed[312]["bytes"] < 1 << 20     # the tmpfs counted
     # Gone with the namespace: a process of the job shows the mount until
     # destroy, no process anywhere after, and the 8 MiB of tmpfs pages are
     # given back (Shmem counts tmpfs pages).
