@@ -14,7 +14,7 @@ import pwd
 import sys
 import time
 
-from . import __version__, config, kernel, limitfs, names, runstate, safefs
+from . import __version__, config, kernel, limitfs, mountopts, names, runstate, safefs
 from .install import hook_path, plugstack_line, spank_path
 from .client import DEFAULT_SOCKET, ClientError, request
 
@@ -462,9 +462,11 @@ def cmd_config_check(cfg, args):
                             "remove_workers": cfg.remove_workers, "kill_timeout": cfg.kill_timeout,
                             "count_bytes": cfg.count_bytes, "limit": cfg.limit or None,
                             "limit_reserve": cfg.limit_reserve,
-                            "metrics_dir": cfg.metrics_dir or None})
+                            "metrics_dir": cfg.metrics_dir or None, **mountopts.config_json(cfg)})
     print(f"{cfg.source}: OK: base={cfg.base} mounts={','.join(cfg.mounts)} rundir={cfg.rundir} "
-          f"mode={cfg.mode:04o} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}")
+          f"mode={cfg.mode:04o} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}"
+          + "".join(f" mount_options={m}:{','.join(o)}" for m, o in cfg.mount_options)
+          + "".join(f" tmpfs={m}:{size}" for m, size in cfg.tmpfs) + (" sbcast=yes" if cfg.sbcast else ""))
 
 
 def cmd_slurm_config(cfg, args):

@@ -112,3 +112,9 @@ def tmpfs_usage(pin_path, mounts):
         m, used, size = line.rsplit(" ", 2)
         usage[m] = [int(used), int(size)]
     return usage
+
+
+def config_json(cfg):
+    """The per-mount-point settings for `status` and `config check --json`."""
+    return {"mount_options": {m: ",".join(o) for m, o in cfg.mount_options}, "tmpfs": dict(cfg.tmpfs),
+            "sbcast": cfg.sbcast}

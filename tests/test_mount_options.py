@@ -345,3 +345,15 @@ def test_slurm_config_prints_host_tmp_with_sbcast():
     assert "host_tmp=" not in install.plugstack_line(config.parse("base=/tmp/slurm"))
     line = install.plugstack_line(config.parse("base=/tmp/slurm sbcast=yes"))
     assert line.endswith(" host_tmp=/tmp/slurm")
+
+
+def test_config_check_shows_the_per_mount_settings(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text("base=/tmp/slurm\nmount=/tmp mount=/var/tmp\nmount_options=/tmp:noexec\n"
+                    "tmpfs=/var/tmp:1g\nsbcast=yes\n")
+    r = ctl(str(conf), "config", "check")
+    assert r.returncode == 0, r.stderr
+    assert "mount_options=/tmp:noexec tmpfs=/var/tmp:1g sbcast=yes" in r.stdout
+    r = ctl(str(conf), "config", "check", "--json")
+    data = json.loads(r.stdout)
+    assert data["mount_options"] == {"/tmp": "noexec"} and data["tmpfs"] == {"/var/tmp": "1g"} and data["sbcast"]
