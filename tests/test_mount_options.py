@@ -357,3 +357,28 @@ def test_config_check_shows_the_per_mount_settings(tmp_path):
     r = ctl(str(conf), "config", "check", "--json")
     data = json.loads(r.stdout)
     assert data["mount_options"] == {"/tmp": "noexec"} and data["tmpfs"] == {"/var/tmp": "1g"} and data["sbcast"]
+
+
+@root
+def test_tmpfs_and_options_survive_a_daemon_restart(daemon_factory):
+    d = daemon_factory("tmpfs=/tmp:8m mount_options=/var/tmp:noexec")
+    d.create(361)
+    nsenter(d.pin(361), "sh", "-c", "echo kept > /tmp/k", user="65534")
+    d.stop()
+    d.start()
+    assert nsenter(d.pin(361), "cat", "/tmp/k").stdout == "kept\n"
+    assert "noexec" in _mount_opts(d.pin(361), "/var/tmp")
+    assert d.request(op="list")["jobs"][0]["tmpfs_used"]["/tmp"][1] == 8 << 20
+    d.destroy(361)
+
+
+@root
+def test_options_apply_to_a_limit_image_too(daemon_factory):
+    d = daemon_factory("limit=32m mount_options=/tmp:noexec tmpfs=/var/tmp:4m")
+    d.create(371)
+    pin = d.pin(371)
+    r = nsenter(pin, "sh", "-c", _EXEC.format(d="/tmp"), user="65534", check=False)
+    assert "rc=126" in r.stdout, r
+    assert nsenter(pin, "stat", "-f", "-c", "%T", "/var/tmp").stdout.strip() == "tmpfs"
+    assert sorted(os.listdir(f"{d.job_dir(371)}/fs")) == ["lost+found", "tmp"]
+    d.destroy(371)
