@@ -48,6 +48,10 @@ class Config:
     limit_max: int = 0          # bytes: cap on a --tmp request (limit_from=tmp); 0 = the base filesystem's size
     limit_reserve: bool = False  # allocate each limit= image in full at job start (no overcommit)
     count_bytes: bool = False   # lstat every file a removal worker unlinks, to log the bytes freed
+    # --- per mount point (mount_options=, tmpfs=; see the block before _KEYS)
+    mount_options: tuple = ()   # ((mount point, ("noexec", ...)), ...): flags added to that bind
+    tmpfs: tuple = ()           # ((mount point, size), ...): a private tmpfs instead of a directory under base
+    sbcast: bool = False        # job directory's top 0711: its owner reaches $base.J.R/tmp from the host (sbcast)
     source: str = "<defaults>"
     lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
 
@@ -74,6 +78,14 @@ class Config:
     def mount_plan(self):
         """[(mount point, subdirectory name)] in a stable order."""
         return [(m, names.mount_dirname(m)) for m in sorted(self.mounts)]
+
+    def options_of(self, mount):
+        """The mount_options= words given for mount (a tuple, maybe empty)."""
+        return dict(self.mount_options).get(mount, ())
+
+    def tmpfs_size(self, mount):
+        """tmpfs= size of mount ("4g", "10%"), or "" for a directory under base."""
+        return dict(self.tmpfs).get(mount, "")
 
 
 def _abs_path(value, key, where):
@@ -133,6 +145,7 @@ def _size_bytes(value, key, where):
 def parse(text, source="<string>"):
     values = {}
     mounts = []
+    per_mount = []      # (key, value, "file:line") of mount_options= and tmpfs=
     where_of = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -149,6 +162,9 @@ def parse(text, source="<string>"):
                 raise ConfigError(f"{where}: {word!r} is not key=value (keys: {', '.join(sorted(_KEYS))})")
             if key not in _KEYS:
                 raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_KEYS))})")
+            if key in _PER_MOUNT_KEYS:
+                per_mount.append((key, value, where))
+                continue
             if key == "mount":
                 m = _abs_path(value, key, where)
                 if m in mounts:
@@ -246,14 +262,141 @@ def parse(text, source="<string>"):
             if not lo <= num <= hi:
                 raise ConfigError(f"{at(key)}: {key}={values[key]} must be between {lo} and {hi}")
             kw[key] = num
+    kw.update(_parse_per_mount(per_mount, kw.get("mounts", Config.mounts), where_of))
+    if "sbcast" in values:
+        v = values["sbcast"].lower()
+        if v not in ("yes", "no"):
+            raise ConfigError(f"{at('sbcast')}: sbcast={values['sbcast']!r}: use sbcast=yes (let each job's "
+                              f"user reach their private /tmp from the host, where sbcast writes) or sbcast=no")
+        kw["sbcast"] = v == "yes"
     cfg = Config(**kw)
     _check_consistency(cfg, at)
+    _check_per_mount(cfg)
     return cfg
 
 
 _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
          "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from", "limit_max",
          "limit_reserve", "count_bytes"}
+
+
+# --- per mount point: mount_options= and tmpfs= ---------------------------
+#
+#   mount_options=/tmp:noexec        flags for that mount point's bind
+#   tmpfs=/tmp:4g                    that mount point is a private tmpfs
+#
+# Both name a mount= point, then ':', then their value; both may be repeated
+# (once per mount point).  mount= itself stays a plain path, so a config
+# that has neither key means what it always meant, and a mount point whose
+# name contains ':' still works (the longest mount= that matches wins).
+
+_PER_MOUNT_KEYS = ("mount_options", "tmpfs")
+_KEYS |= set(_PER_MOUNT_KEYS) | {"sbcast"}
+
+# Accepted words.  nosuid and nodev are always set on every private mount
+# (a user-writable directory has no business holding setuid binaries or
+# device nodes), so naming them is allowed and changes nothing; exec is the
+# default.  suid, dev and ro are refused: see _REFUSED_OPTIONS.
+MOUNT_OPTIONS = ("noexec", "exec", "nosuid", "nodev")
+_REFUSED_OPTIONS = {
+    "suid": "setuid binaries in a directory every job user can write are a privilege escalation "
+            "waiting for a kernel or file-capability bug; nosuid is always on",
+    "dev": "device nodes in a user-writable directory bypass /dev's permissions; nodev is always on",
+    "ro": "a private /tmp that no job can write is of no use, and the job's first write fails; "
+          "to stop programs running from it use noexec",
+    "rw": "private mounts are always read-write",
+}
+
+
+def _split_mount_value(key, value, mounts, where):
+    """(mount point, rest) for "MOUNTPOINT:REST", MOUNTPOINT a mount= path."""
+    match = [m for m in mounts if value.startswith(m + ":")]
+    if not match:
+        head = value.split(":", 1)[0]
+        if ":" not in value:
+            raise ConfigError(f"{where}: {key}={value!r}: write {key}=<mount point>:<value>, "
+                              f"e.g. {_EXAMPLE[key]}")
+        raise ConfigError(f"{where}: {key}={value!r}: {head} is not one of the mount= points "
+                          f"({', '.join(mounts)}); add mount={head} or fix the path")
+    m = max(match, key=len)
+    return m, value[len(m) + 1:]
+
+
+_EXAMPLE = {"mount_options": "mount_options=/tmp:noexec", "tmpfs": "tmpfs=/tmp:4g"}
+
+
+def _parse_tmpfs_size(value, m, where):
+    """A tmpfs size= as the kernel takes it: bytes with k/m/g/t, or N% of RAM."""
+    shown = f"tmpfs={m}:{value}"
+    v = value.strip().lower()
+    if v.startswith("job"):
+        raise ConfigError(f"{where}: {shown}: sizing from the job's memory is only available for "
+                          f"/dev/shm (shm=job:N%); give a size such as 4g or a share of RAM such as 10%")
+    if v.endswith("%"):
+        num = v[:-1]
+        if num.isascii() and num.isdigit() and len(num) <= 3 and 1 <= int(num) <= 100:
+            return f"{int(num)}%"
+        raise ConfigError(f"{where}: {shown}: a share of the node's RAM must be 1%..100%")
+    unit = v[-1:] if v[-1:] in "kmgt" else ""
+    num = v[:-1] if unit else v
+    if not (num.isascii() and num.isdigit()) or len(num) > 15 or int(num) == 0:
+        raise ConfigError(f"{where}: {shown} is not a size (examples: tmpfs={m}:4g, tmpfs={m}:512m, "
+                          f"tmpfs={m}:10%)")
+    if int(num) * _SIZE_SUFFIX[unit] < 1 << 20:
+        raise ConfigError(f"{where}: {shown}: at least 1m (the kernel rounds to pages; a smaller "
+                          f"tmpfs holds next to nothing)")
+    return f"{int(num)}{unit}"
+
+
+def _parse_per_mount(entries, mounts, where_of):
+    options, sizes = {}, {}
+    for key, value, where in entries:
+        m, rest = _split_mount_value(key, value, mounts, where)
+        seen = options if key == "mount_options" else sizes
+        if m in seen:
+            raise ConfigError(f"{where}: {key}= for {m} is given twice (first at {where_of[f'{key}={m}']}); "
+                              f"put everything on one line")
+        where_of[f"{key}={m}"] = where
+        if key == "tmpfs":
+            sizes[m] = _parse_tmpfs_size(rest, m, where)
+            continue
+        words = rest.split(",") if rest else []
+        if not words or "" in words:
+            raise ConfigError(f"{where}: mount_options={value!r}: give options separated by ',' "
+                              f"(e.g. mount_options={m}:noexec,nosuid)")
+        for w in words:
+            if w in _REFUSED_OPTIONS:
+                raise ConfigError(f"{where}: mount_options={value}: {w!r} is not allowed: {_REFUSED_OPTIONS[w]}")
+            if w not in MOUNT_OPTIONS:
+                raise ConfigError(f"{where}: mount_options={value}: unknown option {w!r} "
+                                  f"(known: {', '.join(MOUNT_OPTIONS)})")
+        if "exec" in words and "noexec" in words:
+            raise ConfigError(f"{where}: mount_options={value}: both exec and noexec; keep one")
+        options[m] = tuple(dict.fromkeys(words))
+    return {"mount_options": tuple(sorted(options.items())), "tmpfs": tuple(sorted(sizes.items()))}
+
+
+def _check_per_mount(cfg):
+    for m, _ in cfg.tmpfs:
+        where = cfg.lines.get(f"tmpfs={m}", cfg.source)
+        if m == "/dev/shm":
+            raise ConfigError(f"{where}: tmpfs=/dev/shm: use shm=<size> (or shm=job:N%) for /dev/shm")
+    if cfg.sbcast:
+        where = cfg.lines.get("sbcast", cfg.source)
+        if "/tmp" not in cfg.mounts or cfg.tmpfs_size("/tmp"):
+            raise ConfigError(f"{where}: sbcast=yes gives sbcast the host path of the job's private /tmp, "
+                              f"which needs mount=/tmp as a directory under base (not tmpfs=/tmp)")
+        if cfg.limit:
+            raise ConfigError(f"{where}: sbcast=yes does not work with limit= yet (the job's /tmp is inside "
+                              f"its filesystem image); remove one of them")
+        if cfg.mode & 0o077:
+            raise ConfigError(f"{where}: sbcast=yes opens each job directory's top to other users' traversal, "
+                              f"so the job's own directories must be owner-only: mode={cfg.mode:04o} gives "
+                              f"group or others access; use mode=0700")
+    if cfg.limit and cfg.tmpfs and all(cfg.tmpfs_size(m) for m in cfg.mounts):
+        raise ConfigError(f"{cfg.lines.get('limit', cfg.source)}: limit= sizes the disk-backed mount "
+                          f"points, but every mount point is a tmpfs= (whose size is its limit); "
+                          f"remove limit=")
 
 MKFS_PATHS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
 

@@ -14,7 +14,7 @@ import pwd
 import sys
 import time
 
-from . import __version__, config, kernel, limitfs, names, runstate, safefs
+from . import __version__, config, kernel, limitfs, mountopts, names, runstate, safefs
 from .install import hook_path, plugstack_line, spank_path
 from .client import DEFAULT_SOCKET, ClientError, request
 
@@ -175,6 +175,10 @@ def _jobs(cfg, op, job=None, usage=True):
             j["bytes"], j["entries"] = tree_usage(j["dir"], progress=progress, label=f"job {j['job']}")
         else:
             j["bytes"], j["entries"] = None, None
+        if j["bytes"] is not None and isinstance(j.get("tmpfs_used"), dict):
+            # tmpfs= points: nothing under the job directory; their usage was
+            # read by the daemon from inside the job's namespace.
+            j["bytes"] += sum(u[0] for u in j["tmpfs_used"].values())
         j["age_seconds"] = round(now - j["created"], 1) if j.get("created") else None
         j["user"] = _user_name(j)
     progress.done()
@@ -241,6 +245,9 @@ def cmd_show(cfg, args):
         rows.append(("created", f"{time.ctime(j['created'])} ({_age(j['age_seconds'])} ago)"))
     if j.get("limit"):
         rows.append(("limit", f"{_human(j['limit'])}, " + ("allocated in full" if j.get("reserved") else "sparse")))
+    for m, size in sorted((j.get("tmpfs") or {}).items()):
+        used = (j.get("tmpfs_used") or {}).get(m)
+        rows.append(("tmpfs", f"{m}: " + (f"{_human(used[0])} used of {_human(used[1])}" if used else f"size={size}")))
     rows.append(("usage", "-" if j["bytes"] is None else f"{_human(j['bytes'])} in {j['entries']} entries"))
     rows.append(("procs", " ".join(map(str, j.get("processes", []))) or "none"))
     for key, value in rows:
@@ -455,9 +462,11 @@ def cmd_config_check(cfg, args):
                             "remove_workers": cfg.remove_workers, "kill_timeout": cfg.kill_timeout,
                             "count_bytes": cfg.count_bytes, "limit": cfg.limit or None,
                             "limit_reserve": cfg.limit_reserve,
-                            "metrics_dir": cfg.metrics_dir or None})
+                            "metrics_dir": cfg.metrics_dir or None, **mountopts.config_json(cfg)})
     print(f"{cfg.source}: OK: base={cfg.base} mounts={','.join(cfg.mounts)} rundir={cfg.rundir} "
-          f"mode={cfg.mode:04o} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}")
+          f"mode={cfg.mode:04o} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}"
+          + "".join(f" mount_options={m}:{','.join(o)}" for m, o in cfg.mount_options)
+          + "".join(f" tmpfs={m}:{size}" for m, size in cfg.tmpfs) + (" sbcast=yes" if cfg.sbcast else ""))
 
 
 def cmd_slurm_config(cfg, args):

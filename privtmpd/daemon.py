@@ -27,7 +27,7 @@ import struct
 import sys
 import time
 
-from . import __version__, config, jobs, kept, namespace, protocol, removal, runstate
+from . import __version__, config, jobs, kept, mountopts, namespace, protocol, removal, runstate
 from .logfmt import describe, event, setup_logging
 from .metrics import Metrics
 
@@ -376,7 +376,7 @@ def _config_dict(cfg):
             "metrics_dir": cfg.metrics_dir or None, "keep_failed": cfg.keep_failed or None,
             "keep_max": cfg.keep_max if cfg.keep_failed else None, "limit": cfg.limit or None,
             "limit_from": cfg.limit_from or None, "limit_max": cfg.limit_max or None, "limit_reserve": cfg.limit_reserve,
-            "count_bytes": cfg.count_bytes}
+            "count_bytes": cfg.count_bytes, **mountopts.config_json(cfg)}
 
 
 

@@ -153,7 +153,8 @@ class Doctor:
             return self.results
         for check in (self.check_base, self.check_mounts, self.check_limit, self.check_rundir, self.check_propagation,
                       self.check_daemon, self.check_slurm, self.check_hook_interpreter, self.check_free_space,
-                      self.check_metrics, self.check_kernel, self.check_link_protection):
+                      self.check_metrics, self.check_kernel, self.check_link_protection,
+                      self.check_tmpfs_sizes, self.check_sbcast, self.check_shared_tmp_leftovers):
             try:
                 check()
             except Exception as e:      # noqa: BLE001 - a broken check must not hide the others
@@ -510,6 +511,120 @@ class Doctor:
                      f"sysctl -w {'=1 '.join(bad)}=1, and the same in /etc/sysctl.d/")
         else:
             self.add("link protection", OK, "fs.protected_symlinks and fs.protected_hardlinks are on")
+
+
+    # --- mount_options=, tmpfs=, sbcast= ----------------------------------
+
+    def check_tmpfs_sizes(self):
+        """tmpfs= pages are RAM (or swap): sizes that add up to more than
+        the node has let one job's /tmp take the memory other jobs and
+        slurmd need.  Counted per job: every job gets all of them."""
+        cfg = self.cfg
+        if not cfg.tmpfs:
+            return
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        total = 0
+        for _, size in cfg.tmpfs:
+            if size.endswith("%"):
+                total += ram * int(size[:-1]) // 100
+            else:
+                unit = size[-1:] if size[-1:] in "kmgt" else ""
+                total += int(size[:-1] if unit else size) * config._SIZE_SUFFIX[unit]
+        shown = ", ".join(f"{m}={size}" for m, size in cfg.tmpfs)
+        if total > ram:
+            self.add("tmpfs mount points", WARN, f"tmpfs= sizes ({shown}) add up to {total >> 20} MiB per job, "
+                     f"more than this node's {ram >> 20} MiB of RAM: one job's files can push the node into swap "
+                     f"or the OOM killer", "lower the sizes (a share such as 10% follows each node's RAM)")
+        else:
+            self.add("tmpfs mount points", OK, f"{shown}: {total >> 20} MiB per job at most, of {ram >> 20} MiB RAM")
+
+    def check_sbcast(self):
+        """sbcast=yes needs three things to agree: privtmpd.conf (the job
+        directory reachable by its owner), the entry helper's host_tmp=
+        (the variable users give sbcast) and PrologFlags=Alloc (every
+        node's job directory exists before a step reaches it)."""
+        cfg = self.cfg
+        try:
+            sc = read_slurm_conf(self.slurm_conf)
+            ps = sc.get("plugstackconfig") or os.path.join(os.path.dirname(self.slurm_conf), "plugstack.conf")
+            mine = [ln for ln in plugstack_lines(ps) if SPANK_NAME in ln]
+        except OSError:
+            return          # check_slurm says what cannot be read
+        host_tmp = _plugin_args(mine[0])[2].get("host_tmp") if mine else None
+        if not cfg.sbcast:
+            if host_tmp:
+                self.add("sbcast", WARN, f"{ps} gives host_tmp={host_tmp} but privtmpd.conf has no sbcast=yes: "
+                         f"jobs get PRIVTMPD_HOST_TMP, and sbcast to it fails with Permission denied",
+                         "add sbcast=yes to privtmpd.conf and restart privtmpd, or drop host_tmp=")
+            return
+        problems = []
+        if host_tmp != cfg.base:
+            problems.append((f"sbcast=yes, but the entry helper's line in {ps} gives "
+                             + (f"host_tmp={host_tmp}" if host_tmp else "no host_tmp=")
+                             + f": PRIVTMPD_HOST_TMP would not name the job's /tmp under {cfg.base}",
+                             f"add host_tmp={cfg.base} to that line on every node"))
+        flags = [f.strip().lower() for f in sc.get("prologflags", "").split(",")]
+        if not {"alloc", "contain"} & set(flags):
+            problems.append(("PrologFlags has neither Alloc nor Contain: a node's Prolog runs when the first "
+                             "step reaches it, so sbcast from the batch script finds no job directory on the "
+                             "other nodes (No such file or directory)",
+                             f"set PrologFlags=Alloc in {self.slurm_conf}"))
+        if problems:
+            self.add("sbcast", WARN, "; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
+        else:
+            self.add("sbcast", OK, f"jobs get PRIVTMPD_HOST_TMP={cfg.base}.<job>.<restart>/tmp on every node")
+
+    LEFTOVER_SCAN_MAX = 100000
+
+    def check_shared_tmp_leftovers(self):
+        """Files a running job's user put in the host's own mount points
+        (the shared /tmp) since their job started: what `sbcast f /tmp/f`
+        leaves behind (sbcast writes from the host namespace).  Reported,
+        never removed: that a user's file came from their job cannot be
+        proved, and root removing files in a world-writable directory on a
+        guess is how one user gets another's files removed.  Only names at
+        the top of each mount point, lstat (no link followed), at most
+        LEFTOVER_SCAN_MAX entries each."""
+        from . import runstate
+        cfg = self.cfg
+        try:
+            states = runstate.all_states(cfg)
+        except OSError:
+            return
+        started = {}            # uid -> (earliest creation, job)
+        for job, st in states.items():
+            if st and type(st.get("uid")) is int and st["uid"] != 0 and isinstance(st.get("created"), (int, float)):
+                if st["uid"] not in started or st["created"] < started[st["uid"]][0]:
+                    started[st["uid"]] = (st["created"], job)
+        if not started:
+            return
+        found = []
+        for m in cfg.mounts:
+            try:
+                with os.scandir(m) as it:
+                    for i, e in enumerate(it):
+                        if i >= self.LEFTOVER_SCAN_MAX:
+                            break
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        hit = started.get(st.st_uid)
+                        if hit and stat.S_ISREG(st.st_mode) and st.st_ctime >= hit[0]:
+                            # The name is the user's: escaped, so it cannot
+                            # write control sequences to the admin's terminal.
+                            shown = e.name.encode("unicode_escape", "backslashreplace").decode("ascii")
+                            found.append(f"{m}/{shown} (uid {st.st_uid}, job {hit[1]})")
+            except OSError:
+                continue
+        if found:
+            self.add("shared tmp", WARN, f"{len(found)} file(s) written to the host's shared mount points by "
+                     f"users of running jobs (sbcast to /tmp lands there, not in the job): "
+                     + ", ".join(found[:10]) + (" ..." if len(found) > 10 else ""),
+                     "tell users to sbcast to \"$PRIVTMPD_HOST_TMP/<file>\" (sbcast=yes); these files outlive "
+                     "the job: remove them once it has ended")
+        else:
+            self.add("shared tmp", OK, "no files of running jobs' users in the host's shared mount points")
 
 
 def run_checks(config_path, slurm_conf=None):

@@ -91,6 +91,8 @@ def spank_path():
 
 def plugstack_line(cfg, so=None):
     args = f"rundir={cfg.rundir} tmpdir={cfg.tmpdir_value}"
+    if getattr(cfg, "sbcast", False):
+        args += f" host_tmp={cfg.base}"      # PRIVTMPD_HOST_TMP for sbcast=yes
     return f"required {so or spank_path() or SPANK_DIR + '/privtmpd_spank.so'} {args}"
 
 

@@ -26,7 +26,7 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import jobdirs, limitfs, names, namespace, proc, protocol, runstate, safefs
+from . import hostpath, jobdirs, limitfs, mountopts, names, namespace, proc, protocol, runstate, safefs
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -106,12 +106,14 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
     limit: bytes of the job's limit= filesystem (default cfg.limit).
     on_trash(parent, name) receives directories to remove in the background
     (a leftover of ours found at the job path)."""
-    plan = cfg.mount_plan()
+    plan = [(m, sub) for m, sub in cfg.mount_plan() if not cfg.tmpfs_size(m)]     # tmpfs=: no directory
     dname = names.job_dir_name(cfg.base_name, job, restart)
     dpath = f"{cfg.base_parent}/{dname}"
     state = {"job": job, "restart": restart, "uid": uid, "gid": gid, "user": user,
-             "dir": dpath, "mounts": [m for m, _ in plan], "shm": cfg.shm,
+             "dir": dpath, "mounts": sorted(cfg.mounts), "shm": cfg.shm,
              "created": time.time(), "state": runstate.STATE_CREATING}
+    if cfg.tmpfs:
+        state["tmpfs"] = dict(cfg.tmpfs)
     limit = cfg.limit if limit is None else limit
     if limit:
         state["limit"] = limit
@@ -121,13 +123,15 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
                                           uid, gid, cfg.mode)
         if placement.displaced_ours and on_trash:
             on_trash(cfg.base_parent, placement.displaced_name)
+        if cfg.sbcast:
+            hostpath.open_top_to_owner(pfd, dname, placement.subdirs["tmp"])
     state["displaced"] = placement.displaced
     top = dpath
     if limit:
         top = f"{dpath}/{limitfs.LIMITED_FS}"
         placement.subdirs, state["reserved"] = limitfs.make_limited_fs(cfg, dpath, [sub for _, sub in plan],
                                                                        uid, gid, limit)
-    binds = [(m, f"{top}/{sub}", *placement.subdirs[sub]) for m, sub in plan]
+    binds = [(m, f"{top}/{sub}", *placement.subdirs[sub], mountopts.extra_flags(cfg, m)) for m, sub in plan]
     namespace.build_and_pin(cfg, job, binds, timeout)
     state["ns"] = list(runstate.pin_identity(cfg, job))
     state["state"] = runstate.STATE_READY
@@ -153,7 +157,8 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     subdirs = []
     if isinstance(state.get("dir"), str) and isinstance(state.get("mounts"), list):
         top = f"{state['dir']}/{limitfs.LIMITED_FS}" if state.get("limit") else state["dir"]
-        subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"] if isinstance(m, str)]
+        subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"]
+                   if isinstance(m, str) and not mountopts.is_tmpfs_state(state, m)]
     if ns_id or (subdirs and state.get("state") == runstate.STATE_READY):
         # Without a pin (unmounted by someone), the job's namespace lives on
         # as long as a process is in it: those are found by the job's
@@ -241,6 +246,11 @@ class Jobs:
         keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
         info = destroy(cfg, job, restart_hint=f.get("restart"), on_trash=self._trash_for(user),
                        keep_until=keep, exit_code=code)
+        if keep and cfg.tmpfs:
+            # A tmpfs= point lives only in the job's namespace, gone with it.
+            log.info(event("destroy", "not-kept-tmpfs", job, user, exit_code=code,
+                           mounts=",".join(m for m, _ in cfg.tmpfs),
+                           note="tmpfs= mount points are freed with the namespace and cannot be kept"))
         for why in info["keep_errors"]:
             log.warning(event("destroy", "not-kept", job, user, exit_code=code, error=why, note="removed instead"))
         if info["kept"]:
@@ -266,6 +276,8 @@ class Jobs:
             st["processes"] = proc.processes_in(ident) if ident else []
             if st.get("limit") and isinstance(st.get("dir"), str):
                 st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
+            if isinstance(st.get("tmpfs"), dict) and ident:
+                st["tmpfs_used"] = mountopts.tmpfs_usage(names.pin_path(cfg.rundir, job), list(st["tmpfs"]))
             jobs.append(st)
         if show and not jobs:
             return protocol.error(f"no job {f['job']} on this node", "not-found"), None

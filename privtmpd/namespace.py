@@ -14,7 +14,7 @@ import errno
 import os
 import threading
 
-from . import kernel, runstate, safefs
+from . import kernel, mountopts, runstate, safefs
 from .kernel import KernelError
 
 
@@ -40,7 +40,7 @@ def build_and_pin(cfg, job, binds, timeout):
     reaches the one where the daemon's own namespace was made."""
     cpus = sorted(os.sched_getaffinity(0))
     for cpu in [None] + cpus:
-        nsfd = build_namespace(binds, cfg.shm, timeout, cpu)
+        nsfd = build_namespace(binds, cfg.shm, timeout, cpu, tmpfs=mountopts.tmpfs_plan(cfg))
         try:
             runstate.pin(cfg, job, nsfd)
             return
@@ -65,9 +65,11 @@ def _mount_flags_of(fd):
     return flags
 
 
-def _setup_in(binds, shm, opened):
-    """Runs in the namespace thread: unshare, rslave, bind, remount.  Every
-    fd it opens is appended to `opened` (the fd table is the daemon's)."""
+def _setup_in(binds, shm, opened, tmpfs=()):
+    """Runs in the namespace thread: unshare, rslave, bind, remount, mount
+    the tmpfs= points.  Every fd it opens is appended to `opened` (the fd
+    table is the daemon's).  binds: (target, source path, dev, ino[, extra
+    MS_* flags]); tmpfs: (target, mount data, extra MS_* flags)."""
     # The thread shares the daemon's fd table and memory but not, after
     # this, its mount namespace or fs_struct (CLONE_NEWNS implies CLONE_FS;
     # only CLONE_VM/SIGHAND/THREAD/NEWUSER are refused to threads).  The
@@ -80,14 +82,22 @@ def _setup_in(binds, shm, opened):
     # Open every source and target first: mounting over /tmp hides a base
     # under /tmp, so the order of mount= must not matter.
     pairs = []
-    for target, src_path, dev, ino in binds:
+    for target, src_path, dev, ino, *extra in binds:
         src = safefs.open_verified(src_path, dev, ino)
         opened.append(src)
         tgt = safefs.open_dir(target, safefs.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         opened.append(tgt)
-        pairs.append((target, src, tgt))
-    for target, src, tgt in pairs:
-        flags = _mount_flags_of(src)
+        pairs.append((target, src, tgt, extra[0] if extra else 0))
+    fresh = []
+    for target, data, extra in tmpfs:
+        tgt = safefs.open_dir(target, safefs.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        opened.append(tgt)
+        fresh.append((tgt, data, extra))
+    for target, src, tgt, extra in pairs:
+        # mount_options= only adds flags: the source's own (a noexec or
+        # read-only filesystem, flags locked by a user namespace) are kept,
+        # since a remount that drops a locked flag fails with EPERM.
+        flags = _mount_flags_of(src) | extra
         kernel.mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, kernel.MS_BIND)
         # Remount through an fd on the new mount's root, checked to be the
         # job's directory (a bind's root is that very inode), not by path.
@@ -95,6 +105,8 @@ def _setup_in(binds, shm, opened):
         top = safefs.open_verified(target, st.st_dev, st.st_ino)
         opened.append(top)
         kernel.mount(None, f"/proc/self/fd/{top}", None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
+    for tgt, data, extra in fresh:
+        mountopts.mount_tmpfs(tgt, data, extra)
     if shm:
         # shm=job:N%: N% of the RAM until the entry helper, which knows the
         # job's memory on this node, resizes it in the job's first task.
@@ -115,9 +127,9 @@ class _NamespaceThread(threading.Thread):
     namespace, and a failure half-way leaves nothing behind but a namespace
     no one references."""
 
-    def __init__(self, binds, shm, cpu=None):
+    def __init__(self, binds, shm, cpu=None, tmpfs=()):
         super().__init__(name="privtmpd-ns", daemon=True)
-        self.binds, self.shm, self.cpu = binds, shm, cpu
+        self.binds, self.shm, self.cpu, self.tmpfs = binds, shm, cpu, tmpfs
         self.lock = threading.Lock()
         self.abandoned = False      # the daemon gave up waiting (timeout)
         self.nsfd = None
@@ -128,7 +140,7 @@ class _NamespaceThread(threading.Thread):
         try:
             if self.cpu is not None:
                 os.sched_setaffinity(0, {self.cpu})     # this thread only
-            nsfd = _setup_in(self.binds, self.shm, opened)
+            nsfd = _setup_in(self.binds, self.shm, opened, self.tmpfs)
         except BaseException as e:      # noqa: BLE001 - handed to the daemon
             self.error = e
             nsfd = None
@@ -154,10 +166,11 @@ class _NamespaceThread(threading.Thread):
         return self.nsfd
 
 
-def build_namespace(binds, shm, timeout=30.0, cpu=None):
+def build_namespace(binds, shm, timeout=30.0, cpu=None, tmpfs=()):
     """A new mount namespace, a rslave copy of the host's with binds
-    (target, source path, dev, ino) mounted and shm's tmpfs; returns an
-    O_RDONLY fd on it.  cpu: build it on that CPU (see build_and_pin)."""
-    t = _NamespaceThread(binds, shm, cpu)
+    (target, source path, dev, ino[, extra flags]) mounted, tmpfs (target,
+    data, extra flags) mounted and shm's tmpfs; returns an O_RDONLY fd on
+    it.  cpu: build it on that CPU (see build_and_pin)."""
+    t = _NamespaceThread(binds, shm, cpu, tmpfs)
     t.start()
     return t.result(timeout)

@@ -121,10 +121,10 @@ static int shm_is_own_tmpfs(void)
 
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
-	const char *rundir = "/run/privtmpd", *tmpdir = "/tmp";
+	const char *rundir = "/run/privtmpd", *tmpdir = "/tmp", *host_tmp = NULL;
 	const char *what = "cannot open /", *hint = "";
 	char nsdir[PATH_MAX], walk[PATH_MAX], idstr[16], opt[32], *end;
-	uint32_t jobid = 0;
+	uint32_t jobid = 0, restart = 0;
 	uint64_t mem = 0;
 	unsigned long shm = 0;
 	struct stat host_shm, job_shm;
@@ -145,6 +145,8 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 			tmpdir = NULL;
 		else if (!strcmp(av[i], "create=yes"))
 			create = 1;
+		else if (!strncmp(av[i], "host_tmp=", 9) && av[i][9] == '/')
+			host_tmp = av[i] + 9;
 		else if (!strncmp(av[i], "shm=", 4) &&
 			 av[i][4] >= '1' && av[i][4] <= '9' &&
 			 (shm = strtoul(av[i] + 4, &end, 10)) >= 1 &&
@@ -154,7 +156,8 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 			slurm_error("privtmpd: job %u: invalid plugin argument "
 				    "'%s' (expected rundir=/absolute/dir, "
 				    "tmpdir=/absolute/dir, tmpdir=none, shm=1%%.."
-				    "100%% or create=yes; fix plugstack.conf)",
+				    "100%%, host_tmp=/base or create=yes; fix "
+				    "plugstack.conf)",
 				    jobid, av[i]);
 			return -1;
 		}
@@ -205,6 +208,18 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 		errno = EINVAL;
 		goto fail;
 	}
+	/* host_tmp=BASE (privtmpd's sbcast=yes): where the job's /tmp is on
+	 * the host, the same path on every node, for sbcast, which writes as
+	 * the user from slurmd's (the host's) namespace. */
+	what = "cannot set PRIVTMPD_HOST_TMP";
+	errno = EINVAL;
+	if (host_tmp && (spank_get_item(sp, S_SLURM_RESTART_COUNT, &restart)
+			 != ESPANK_SUCCESS ||
+			 snprintf(walk, sizeof(walk), "%s.%u.%u/tmp", host_tmp,
+				  jobid, restart) >= (int)sizeof(walk) ||
+			 spank_setenv(sp, "PRIVTMPD_HOST_TMP", walk, 1)
+			 != ESPANK_SUCCESS))
+		goto fail;
 	/* shm=N%: the job's memory on this node (MB; 0 when Slurm does not
 	 * track memory, and /dev/shm keeps the daemon's size). */
 	if (shm) {

@@ -527,7 +527,7 @@ class LabStack:
     plugstack.conf with its default rundir."""
 
     def __init__(self, nodes=3, labdir=DEFAULT_LABDIR, daemon_conf="base=/tmp/slurm\nmount=/tmp\nmount=/var/tmp\n",
-                 extra_conf=""):
+                 extra_conf="", plugstack_args="tmpdir=/tmp"):
         self.labdir = os.path.abspath(labdir)
         libdir = os.path.join(self.labdir, "lib")
         os.makedirs(libdir, exist_ok=True)
@@ -537,7 +537,7 @@ class LabStack:
         self.daemon_conf = daemon_conf
         self.cluster = LabCluster(labdir, nodes=nodes, prolog=os.path.join(REPO, "scripts", "prolog.py"),
                                   epilog=os.path.join(REPO, "scripts", "epilog.py"), extra_conf=extra_conf,
-                                  plugstack_lines=[f"required {self.so} tmpdir=/tmp"])
+                                  plugstack_lines=[f"required {self.so} {plugstack_args}"])
 
     def daemon_log_path(self, node):
         return os.path.join(self.cluster.logdir, f"privtmpd-{node}.log")

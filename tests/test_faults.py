@@ -277,7 +277,7 @@ def test_pin_taken_away_teardown_still_succeeds(daemon, how, figures):
         # Made on each CPU in turn until the bind is allowed: outside the
         # initial mount namespace (the Debian 13 leg) the kernel refuses
         # to bind a namespace with a smaller (per-CPU) id than the caller's,
-        # as namespace._build_and_pin explains.
+        # as namespace.build_and_pin explains.
         for cpu in sorted(os.sched_getaffinity(0)):
             other = subprocess.Popen(["taskset", "-c", str(cpu), "unshare", "-m", "--propagation", "private",
                                       "sleep", "300"])

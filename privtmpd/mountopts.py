@@ -1,0 +1,120 @@
+"""What mount_options= and tmpfs= mean for one job's namespace.
+
+config.py checks the words; this module turns them into what the namespace
+thread mounts (namespace._setup_in): extra MS_* flags for a job directory's
+bind, or a private tmpfs with its size= and mode, and answers the questions
+the rest of the daemon asks about a job's mount points (which have a
+directory under base, which can be kept).
+"""
+
+import os
+
+from . import kernel
+
+# Flags every private mount gets whatever the configuration says: the job's
+# user writes there, so a setuid binary or a device node in it must never
+# take effect.
+ALWAYS = kernel.MS_NOSUID | kernel.MS_NODEV
+
+_FLAG_OF = {"noexec": kernel.MS_NOEXEC, "nosuid": kernel.MS_NOSUID, "nodev": kernel.MS_NODEV, "exec": 0}
+
+# A private tmpfs is the job's /tmp: world-writable with the sticky bit and
+# root's, exactly what programs expect of /tmp (some refuse a /tmp without
+# the sticky bit).  Only the job's own processes are in the namespace, so
+# 1777 opens it to nobody else.
+TMPFS_MODE = "1777"
+
+
+def extra_flags(cfg, mount):
+    """MS_* flags mount_options= adds to mount's bind (on top of ALWAYS)."""
+    flags = 0
+    for word in cfg.options_of(mount):
+        flags |= _FLAG_OF[word]
+    return flags
+
+
+def tmpfs_data(size):
+    """The tmpfs mount data for a tmpfs= size ("4g", "10%")."""
+    return f"size={size},mode={TMPFS_MODE},uid=0,gid=0"
+
+
+def disk_mounts(cfg, mounts):
+    """The mount points of `mounts` that have a directory under base."""
+    return [m for m in mounts if not cfg.tmpfs_size(m)]
+
+
+def tmpfs_plan(cfg):
+    """[(mount point, tmpfs data, extra flags)] for every tmpfs= point."""
+    return [(m, tmpfs_data(cfg.tmpfs_size(m)), extra_flags(cfg, m)) for m in sorted(cfg.mounts)
+            if cfg.tmpfs_size(m)]
+
+
+def mount_tmpfs(target_fd, data, extra):
+    """Mount a fresh tmpfs on the directory open at target_fd (an O_PATH fd
+    opened with O_NOFOLLOW before anything was mounted: the mount lands on
+    that inode, never on whatever a path resolves to later).  Runs in the
+    namespace thread, so the tmpfs exists only in the job's namespace: no
+    file of it is ever on the host's disk, and it is freed when the
+    namespace is (unpinned, last process gone)."""
+    kernel.mount("tmpfs", f"/proc/self/fd/{target_fd}", "tmpfs", ALWAYS | extra, data)
+
+
+def is_tmpfs_state(state, mount):
+    """Whether a job's state file records mount as a tmpfs= point."""
+    t = state.get("tmpfs")
+    return isinstance(t, dict) and mount in t
+
+
+def statvfs_usage(path):
+    """(bytes used, bytes size) of the filesystem at path."""
+    v = os.statvfs(path)
+    return (v.f_blocks - v.f_bfree) * v.f_frsize, v.f_blocks * v.f_frsize
+
+
+USAGE_SECONDS = 2.0
+
+
+def tmpfs_usage(pin_path, mounts):
+    """{mount point: [bytes used, bytes size]} of a job's tmpfs= points, read
+    with statvfs from inside its namespace, or {} when that fails.
+
+    The tmpfs exists only in the job's namespace, so a forked child
+    (single-threaded, as setns needs; the daemon itself never leaves the
+    host namespace) joins it through the pin and reports.  statvfs is one
+    call per mount point whatever the job wrote; the time limit bounds a
+    mount point the job's user made hang (a FUSE mount over it)."""
+    from . import forked
+
+    wanted = [m for m in mounts if isinstance(m, str) and m.startswith("/") and " " not in m]
+    if not wanted:
+        return {}
+    try:
+        nsfd = os.open(pin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return {}
+
+    def probe(w):
+        kernel.setns(nsfd, kernel.CLONE_NEWNS, pin_path)
+        out = []
+        for m in wanted:
+            used, size = statvfs_usage(m)
+            out.append(f"{m} {used} {size}\n")
+        os.write(w, "".join(out).encode())
+
+    try:
+        if kernel.ns_type(nsfd) != kernel.CLONE_NEWNS:
+            return {}
+        data = forked.run(probe, USAGE_SECONDS)
+    finally:
+        os.close(nsfd)
+    usage = {}
+    for line in (data or b"").decode(errors="replace").splitlines():
+        m, used, size = line.rsplit(" ", 2)
+        usage[m] = [int(used), int(size)]
+    return usage
+
+
+def config_json(cfg):
+    """The per-mount-point settings for `status` and `config check --json`."""
+    return {"mount_options": {m: ",".join(o) for m, o in cfg.mount_options}, "tmpfs": dict(cfg.tmpfs),
+            "sbcast": cfg.sbcast}

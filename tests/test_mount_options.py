@@ -1,0 +1,384 @@
+"""Per-mount-point options (mount_options=) and tmpfs-backed mount points
+(tmpfs=), against a real daemon and real namespaces: what a job sees is
+checked from inside the job's namespace, as the job's user."""
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+from cli import ctl, wait_for
+from harness import nsenter
+from privtmpd import config
+
+root = pytest.mark.root
+
+
+# --- configuration -----------------------------------------------------------
+
+def test_old_configs_keep_their_meaning():
+    cfg = config.parse("base=/tmp/slurm\nmount=/var/tmp mount=/tmp\n")
+    assert cfg.mount_options == () and cfg.tmpfs == ()
+    assert cfg.options_of("/tmp") == () and cfg.tmpfs_size("/tmp") == ""
+
+
+def test_options_and_tmpfs_parse():
+    cfg = config.parse("mount=/tmp mount=/var/tmp\nmount_options=/tmp:noexec,nosuid\n"
+                       "tmpfs=/var/tmp:4G\nmount_options=/var/tmp:noexec\n")
+    assert cfg.options_of("/tmp") == ("noexec", "nosuid")
+    assert cfg.tmpfs_size("/var/tmp") == "4g" and cfg.tmpfs_size("/tmp") == ""
+    assert config.parse("tmpfs=/tmp:10%").tmpfs_size("/tmp") == "10%"
+    # Keys may come before the mount= they name; the longest mount= wins.
+    cfg = config.parse("mount_options=/a:b:noexec\nmount=/a:b mount=/a\n")
+    assert cfg.options_of("/a:b") == ("noexec",) and cfg.options_of("/a") == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mount_options=/tmp:ro", "'ro' is not allowed"),
+    ("mount_options=/tmp:suid", "'suid' is not allowed"),
+    ("mount_options=/tmp:dev", "'dev' is not allowed"),
+    ("mount_options=/tmp:noexe", "unknown option 'noexe'"),
+    ("mount_options=/tmp:exec,noexec", "both exec and noexec"),
+    ("mount_options=/tmp:", "give options separated by ','"),
+    ("mount_options=/tmp:noexec,,nodev", "give options separated by ','"),
+    ("mount_options=/scratch:noexec", "/scratch is not one of the mount= points"),
+    ("mount_options=noexec", "write mount_options=<mount point>:<value>"),
+    ("mount_options=/tmp:noexec mount_options=/tmp:nodev", "given twice"),
+    ("tmpfs=/tmp", "write tmpfs=<mount point>:<value>"),
+    ("tmpfs=/tmp:lots", "is not a size"),
+    ("tmpfs=/tmp:0", "is not a size"),
+    ("tmpfs=/tmp:512k", "at least 1m"),
+    ("tmpfs=/tmp:0%", "1%..100%"),
+    ("tmpfs=/tmp:150%", "1%..100%"),
+    ("tmpfs=/tmp:job:50%", "only available for /dev/shm"),
+    ("tmpfs=/tmp:4g tmpfs=/tmp:2g", "given twice"),
+    ("mount=/tmp\ntmpfs=/tmp:4g limit=1g", "every mount point is a tmpfs="),
+])
+def test_bad_per_mount_settings_name_the_line(text, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(f"base=/tmp/slurm\n{text}\n", "/etc/privtmpd/privtmpd.conf")
+    assert str(e.value).startswith("/etc/privtmpd/privtmpd.conf:"), e.value
+    assert message in str(e.value), e.value
+
+
+def test_limit_with_some_tmpfs_points_is_fine():
+    cfg = config.parse("mount=/tmp mount=/var/tmp tmpfs=/tmp:1g limit=1g")
+    assert cfg.limit == 1 << 30 and cfg.tmpfs_size("/tmp") == "1g"
+
+
+# --- mount options, seen from inside the job -----------------------------------
+
+def _mount_opts(pin, target):
+    """The per-mount options of target in the job's namespace (last line wins:
+    the mount on top)."""
+    out = nsenter(pin, "cat", "/proc/self/mountinfo").stdout
+    opts = None
+    for line in out.splitlines():
+        f = line.split()
+        if f[4] == target:
+            opts = set(f[5].split(","))
+    assert opts is not None, f"{target} not mounted in the job"
+    return opts
+
+
+_EXEC = "cp /bin/true {d}/t && {d}/t; echo rc=$?"
+
+
+@root
+def test_noexec_stops_exec_in_that_mount_point_only(daemon_factory):
+    d = daemon_factory("mount_options=/tmp:noexec")
+    d.create(301)
+    pin = d.pin(301)
+    r = nsenter(pin, "sh", "-c", _EXEC.format(d="/tmp"), user="65534", check=False)
+    assert "Permission denied" in r.stderr + r.stdout and "rc=126" in r.stdout, r
+    r = nsenter(pin, "sh", "-c", _EXEC.format(d="/var/tmp"), user="65534", check=False)
+    assert "rc=0" in r.stdout, r
+    assert {"noexec", "nosuid", "nodev"} <= _mount_opts(pin, "/tmp")
+    var = _mount_opts(pin, "/var/tmp")
+    assert {"nosuid", "nodev"} <= var and "noexec" not in var      # the defaults only
+    d.destroy(301)
+
+
+@root
+def test_defaults_are_nosuid_nodev_and_exec(daemon):
+    daemon.create(302)
+    for m in ("/tmp", "/var/tmp"):
+        opts = _mount_opts(daemon.pin(302), m)
+        assert {"nosuid", "nodev"} <= opts and "noexec" not in opts, (m, opts)
+    daemon.destroy(302)
+
+
+# --- tmpfs-backed mount points ---------------------------------------------------
+
+def _tmpfs_dev(pin, target):
+    out = nsenter(pin, "cat", "/proc/self/mountinfo").stdout
+    found = None
+    for line in out.splitlines():
+        f = line.split()
+        if f[4] == target:
+            found = (f[2], f[f.index("-") + 1])
+    return found
+
+
+def _shmem():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no Shmem: in /proc/meminfo")
+
+
+def _mounted_anywhere(majmin):
+    """Whether any process on the machine still has a mount of device majmin."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                if any(line.split()[2] == majmin for line in f):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+@root
+def test_tmpfs_point_is_private_sized_and_leaves_nothing(daemon_factory):
+    d = daemon_factory("tmpfs=/tmp:8m mount_options=/tmp:noexec")
+    d.create(311)
+    d.create(312)
+    a, b = d.pin(311), d.pin(312)
+    dev_a, dev_b = _tmpfs_dev(a, "/tmp"), _tmpfs_dev(b, "/tmp")
+    assert dev_a[1] == dev_b[1] == "tmpfs" and dev_a[0] != dev_b[0]
+    assert {"noexec", "nosuid", "nodev"} <= _mount_opts(a, "/tmp")
+    # /tmp-like: root's, 1777, so the job's user writes and programs that
+    # check for the sticky bit are happy.
+    assert nsenter(a, "stat", "-c", "%u %a", "/tmp").stdout.split() == ["0", "1777"]
+    r = nsenter(a, "sh", "-c", "echo secret > /tmp/mine && cat /tmp/mine", user="65534")
+    assert r.stdout == "secret\n"
+    assert nsenter(b, "ls", "-A", "/tmp").stdout == ""             # the other job sees nothing
+    assert not os.path.exists("/tmp/mine")                          # nor does the host
+    # size= is enforced: ENOSPC past 8 MiB.
+    r = nsenter(a, "sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=16 2>&1; echo dd=$?",
+                user="65534", check=False)
+    assert "No space left on device" in r.stdout and "dd=1" in r.stdout, r
+    used = int(nsenter(a, "du", "-sk", "/tmp").stdout.split()[0])
+    assert 7 * 1024 <= used <= 8 * 1024
+    # Nothing on the host's disk: the job directory has /var/tmp's only.
+    assert os.listdir(d.job_dir(311)) == ["var_tmp"]
+    assert stat.S_ISDIR(os.lstat(f"{d.job_dir(311)}/var_tmp").st_mode)
+    # The disk-backed point is still a bind of that directory.
+    nsenter(a, "sh", "-c", "echo v > /var/tmp/v", user="65534")
+    assert open(f"{d.job_dir(311)}/var_tmp/v").read() == "v\n"
+    # Listed with the tmpfs's own usage.
+    job = {j["job"]: j for j in d.request(op="list")["jobs"]}[311]
+    assert job["tmpfs"] == {"/tmp": "8m"}
+    assert 7 << 20 <= job["tmpfs_used"]["/tmp"][0] <= 8 << 20 and job["tmpfs_used"]["/tmp"][1] == 8 << 20
+    r = ctl(d.conf_path, "show", "311")
+    assert r.returncode == 0 and "tmpfs:   /tmp: 8.0M used of 8.0M" in r.stdout, r.stdout
+    r = ctl(d.conf_path, "list", "--json")
+    listed = {j["job"]: j for j in json.loads(r.stdout)["jobs"]}
+    assert listed[311]["bytes"] >= 7 << 20 and listed[312]["bytes"] < 1 << 20     # the tmpfs counted
+    # Gone with the namespace: a process of the job shows the mount until
+    # destroy, no process anywhere after, and the 8 MiB of tmpfs pages are
+    # given back (Shmem counts tmpfs pages).
+    sleeper = subprocess.Popen(["nsenter", f"--mount={a}", "--", "setpriv", "--reuid=65534", "--regid=65534",
+                                "--clear-groups", "sleep", "600"])
+    try:
+        wait_for(lambda: _mounted_anywhere(dev_a[0]), 10, "the job's sleeper")
+        shmem = _shmem()
+        d.destroy(311)
+        assert sleeper.wait(10) is not None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not _mounted_anywhere(dev_a[0])
+    wait_for(lambda: shmem - _shmem() >= 7 << 20, 10, "the tmpfs pages to be freed")
+    d.destroy(312)
+    d.wait_removals()
+    assert not os.path.exists(d.job_dir(311))
+
+
+@root
+def test_tmpfs_share_of_ram(daemon_factory):
+    d = daemon_factory("tmpfs=/var/tmp:10%")
+    d.create(321)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    out = nsenter(d.pin(321), "stat", "-f", "-c", "%b %S", "/var/tmp").stdout.split()
+    assert abs(int(out[0]) * int(out[1]) - total // 10) < 1 << 20
+    assert os.listdir(d.job_dir(321)) == ["tmp"]
+    d.destroy(321)
+
+
+@root
+def test_tmpfs_with_keep_failed_keeps_the_disk_points_and_says_so(daemon_factory):
+    d = daemon_factory("tmpfs=/tmp:8m keep_failed=1h")
+    d.create(331)
+    nsenter(d.pin(331), "sh", "-c", "echo a > /tmp/a; echo b > /var/tmp/b", user="65534")
+    reply = d.request(op="destroy", job="331", exit_code="256")
+    assert reply["ok"] and len(reply["kept"]) == 1
+    kept = reply["kept"][0]
+    assert os.listdir(kept) == ["var_tmp"]
+    assert "not-kept-tmpfs" in d.log() and "/tmp" in d.log()
+
+
+# --- sbcast=yes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("sbcast=maybe", "use sbcast=yes"),
+    ("mount=/var/tmp sbcast=yes", "needs mount=/tmp as a directory"),
+    ("mount=/tmp tmpfs=/tmp:1g sbcast=yes", "needs mount=/tmp as a directory"),
+    ("sbcast=yes limit=1g", "does not work with limit="),
+    ("sbcast=yes mode=0750", "must be owner-only"),
+])
+def test_bad_sbcast_settings_name_the_line(text, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(f"base=/tmp/slurm\n{text}\n", "/etc/privtmpd/privtmpd.conf")
+    assert str(e.value).startswith("/etc/privtmpd/privtmpd.conf:2: "), e.value
+    assert message in str(e.value), e.value
+
+
+@root
+def test_sbcast_opens_only_the_top_for_traversal(daemon_factory):
+    d = daemon_factory("sbcast=yes")
+    d.create(341, uid=65534, gid=65534)
+    top, sub = os.lstat(d.job_dir(341)), os.lstat(f"{d.job_dir(341)}/tmp")
+    assert top.st_uid == 0 and stat.S_IMODE(top.st_mode) == 0o711
+    assert sub.st_uid == 65534 and stat.S_IMODE(sub.st_mode) == 0o700
+    # The owner writes there from the host, as sbcast does; the job sees it.
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                        f"echo from-host > {d.job_dir(341)}/tmp/f"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert nsenter(d.pin(341), "cat", "/tmp/f").stdout == "from-host\n"
+    # Another user cannot.
+    r = subprocess.run(["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", "sh", "-c",
+                        f"ls {d.job_dir(341)}/tmp || echo x > {d.job_dir(341)}/tmp/g"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    d.destroy(341)
+    d.create(342)
+    assert stat.S_IMODE(os.lstat(d.job_dir(342)).st_mode) == 0o711
+    d.destroy(342)
+
+
+@root
+def test_without_sbcast_the_top_stays_root_only(daemon):
+    daemon.create(343)
+    assert stat.S_IMODE(os.lstat(daemon.job_dir(343)).st_mode) == 0o700
+    daemon.destroy(343)
+
+
+# --- doctor ------------------------------------------------------------------------
+
+def _doctor(conf, slurm_conf, check):
+    from privtmpd import doctor as doc
+    d = doc.Doctor(conf, slurm_conf)
+    assert d.check_config(), d.results
+    getattr(d, check)()
+    return d.results[-1] if d.results[1:] else None
+
+
+def _slurm_files(tmp_path, prolog_flags, plugstack_args):
+    ps = tmp_path / "plugstack.conf"
+    ps.write_text(f"required /usr/lib/privtmpd_spank.so {plugstack_args}\n")
+    sc = tmp_path / "slurm.conf"
+    sc.write_text(f"ClusterName=x\n{prolog_flags}\nPlugStackConfig={ps}\n")
+    return str(sc)
+
+
+def test_doctor_sbcast_needs_host_tmp_and_prolog_flags(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text("base=/tmp/slurm\nmount=/tmp\nsbcast=yes\n")
+    r = _doctor(str(conf), _slurm_files(tmp_path, "", "tmpdir=/tmp"), "check_sbcast")
+    assert r.status == "warn" and "no host_tmp=" in r.detail and "PrologFlags" in r.detail
+    assert "host_tmp=/tmp/slurm" in r.fix and "PrologFlags=Alloc" in r.fix
+    r = _doctor(str(conf), _slurm_files(tmp_path, "PrologFlags=Alloc,X11", "host_tmp=/tmp/slurm"), "check_sbcast")
+    assert r.status == "ok", r
+    r = _doctor(str(conf), _slurm_files(tmp_path, "PrologFlags=Contain", "host_tmp=/scratch/x"), "check_sbcast")
+    assert r.status == "warn" and "host_tmp=/scratch/x" in r.detail
+    conf.write_text("base=/tmp/slurm\nmount=/tmp\n")
+    r = _doctor(str(conf), _slurm_files(tmp_path, "PrologFlags=Alloc", "host_tmp=/tmp/slurm"), "check_sbcast")
+    assert r.status == "warn" and "no sbcast=yes" in r.detail
+    r = _doctor(str(conf), _slurm_files(tmp_path, "", ""), "check_sbcast")
+    assert r is None        # not used, nothing to say
+
+
+def test_doctor_tmpfs_sizes_against_ram(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text("mount=/tmp mount=/var/tmp tmpfs=/tmp:60% tmpfs=/var/tmp:50%\n")
+    r = _doctor(str(conf), "/dev/null", "check_tmpfs_sizes")
+    assert r.status == "warn" and "more than this node's" in r.detail
+    conf.write_text("mount=/tmp mount=/var/tmp tmpfs=/tmp:10% tmpfs=/var/tmp:1m\n")
+    assert _doctor(str(conf), "/dev/null", "check_tmpfs_sizes").status == "ok"
+
+
+@root
+def test_doctor_reports_files_a_job_user_left_in_the_shared_tmp(daemon):
+    from privtmpd import doctor as doc
+    r = _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers")
+    assert r is None                                  # no job, nothing to compare with
+    daemon.create(351, uid=65534, gid=65534)
+    path = "/var/tmp/privtmpd-test-sbcast-leftover"
+    link = "/var/tmp/privtmpd-test-sbcast-link"
+    evil = "/var/tmp/privtmpd-test-\x1b[2J-name"
+    try:
+        # What `sbcast f /var/tmp/f` does: the user writes in the host's namespace.
+        subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                        f"echo x > {path}; ln -s /etc/passwd {link}; echo y > '{evil}'"], check=True)
+        r = _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers")
+        assert r.status == doc.WARN and f"{path} (uid 65534, job 351)" in r.detail, r
+        assert link not in r.detail                 # not a regular file; never followed
+        assert "\x1b" not in r.detail and "privtmpd-test-\\x1b[2J-name" in r.detail   # escaped
+        assert os.path.exists(path)                 # reported, never removed
+    finally:
+        for p in (path, link, evil):
+            if os.path.lexists(p):
+                os.unlink(p)
+    assert _doctor(daemon.conf_path, "/dev/null", "check_shared_tmp_leftovers").status == doc.OK
+    daemon.destroy(351)
+
+
+def test_slurm_config_prints_host_tmp_with_sbcast():
+    from privtmpd import install
+    assert "host_tmp=" not in install.plugstack_line(config.parse("base=/tmp/slurm"))
+    line = install.plugstack_line(config.parse("base=/tmp/slurm sbcast=yes"))
+    assert line.endswith(" host_tmp=/tmp/slurm")
+
+
+def test_config_check_shows_the_per_mount_settings(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text("base=/tmp/slurm\nmount=/tmp mount=/var/tmp\nmount_options=/tmp:noexec\n"
+                    "tmpfs=/var/tmp:1g\nsbcast=yes\n")
+    r = ctl(str(conf), "config", "check")
+    assert r.returncode == 0, r.stderr
+    assert "mount_options=/tmp:noexec tmpfs=/var/tmp:1g sbcast=yes" in r.stdout
+    r = ctl(str(conf), "config", "check", "--json")
+    data = json.loads(r.stdout)
+    assert data["mount_options"] == {"/tmp": "noexec"} and data["tmpfs"] == {"/var/tmp": "1g"} and data["sbcast"]
+
+
+@root
+def test_tmpfs_and_options_survive_a_daemon_restart(daemon_factory):
+    d = daemon_factory("tmpfs=/tmp:8m mount_options=/var/tmp:noexec")
+    d.create(361)
+    nsenter(d.pin(361), "sh", "-c", "echo kept > /tmp/k", user="65534")
+    d.stop()
+    d.start()
+    assert nsenter(d.pin(361), "cat", "/tmp/k").stdout == "kept\n"
+    assert "noexec" in _mount_opts(d.pin(361), "/var/tmp")
+    assert d.request(op="list")["jobs"][0]["tmpfs_used"]["/tmp"][1] == 8 << 20
+    d.destroy(361)
+
+
+@root
+def test_options_apply_to_a_limit_image_too(daemon_factory):
+    d = daemon_factory("limit=32m mount_options=/tmp:noexec tmpfs=/var/tmp:4m")
+    d.create(371)
+    pin = d.pin(371)
+    r = nsenter(pin, "sh", "-c", _EXEC.format(d="/tmp"), user="65534", check=False)
+    assert "rc=126" in r.stdout, r
+    assert nsenter(pin, "stat", "-f", "-c", "%T", "/var/tmp").stdout.strip() == "tmpfs"
+    assert sorted(os.listdir(f"{d.job_dir(371)}/fs")) == ["lost+found", "tmp"]
+    d.destroy(371)
