@@ -480,88 +480,216 @@ def _open_own_child_dir(dirfd, name, fix):
         return _open_child_dir(dirfd, name)
 
 
+# What a TreeWalk does with each entry, chosen by flags as systemd's
+# rm_rf() takes them.  Without WALK_REMOVE it measures.
+WALK_REMOVE = 1         # unlink each entry, rmdir each directory once emptied
+WALK_SIZES = 2          # with WALK_REMOVE: statx each file first (its bytes, the Budget's)
+WALK_RECLAIM = 4        # with WALK_REMOVE, as the owner: give back the rwx a directory denies us
+
+
+class _WalkOver(Exception):
+    """Raised by an entry handler to end the walk where it is."""
+
+
+class TreeWalk:
+    """The one walker below removal and measurement: depth first from an
+    open directory top, every step relative to a directory fd (a name
+    swapped for a symlink between two steps is never resolved), no symlink
+    ever followed, no other mount entered (openat2 RESOLVE_NO_XDEV, or
+    mnt_id; statx's mount-root attribute when measuring), at most
+    MAX_DEPTH directories open whatever the depth.  User-controlled names
+    are only ever stat'ed with statx(AT_STATX_DONT_SYNC | AT_NO_AUTOMOUNT)
+    (lstat_at), which cannot hang on a user's FUSE mount.
+
+    The walker keeps the stack; flags choose the per-entry handler, which
+    returns the fd of a directory to descend into, or None.  step() walks
+    until the tree is done, a deadline passes or interrupt() says the
+    caller has something more urgent, and goes on where it stopped at the
+    next call (the daemon measures a user's tree a bounded step per turn).
+
+    Measuring (no WALK_REMOVE): bytes and entries, each inode once (a file
+    hard-linked 100 times into the tree is one file's size: a user must
+    not inflate their kept directory, and with it the eviction of
+    others'); complete is False, and why says why, when max_entries,
+    MAX_DEPTH or a mount point inside cut the walk short.
+
+    Removing (WALK_REMOVE): counts into stats (RemoveStats), charges the
+    Budget once per entry before acting on it; a subtree deeper than
+    MAX_DEPTH is moved up to top and removed from there by a later pass."""
+
+    CHECK_EVERY = 256           # entries between two looks at the clock
+
+    def __init__(self, top, flags, *, owns_top, stats=None, budget=None, max_entries=10_000_000,
+                 mounts_at_top=()):
+        self.flags, self.owns_top = flags, owns_top
+        self.stats, self.budget = stats, budget
+        self.bytes = self.entries = 0
+        self.complete, self.done = True, False
+        self.why = ""           # when not complete: what cut the walk short
+        self.max_entries = max_entries
+        # Names in top that are mount points of our own (limit='s image at
+        # fs/, counted through its image file): skipped, not a reason to
+        # call the walk incomplete.
+        self.mounts_at_top = frozenset(mounts_at_top)
+        self._linked = set()    # (dev, ino) of files with more than one link, counted once
+        self._moved_up = 0
+        self._visit = self._remove_entry if flags & WALK_REMOVE else self._measure_entry
+        self._stack = [(top, os.scandir(top), None)]
+
+    def step(self, deadline=None, interrupt=None, progress=None):
+        """Walk on; True once the walk is over (then the fds are closed)."""
+        n = 0
+        try:
+            while self._stack:
+                fd, it, _ = self._stack[-1]
+                for e in it:
+                    cfd = self._visit(fd, e)
+                    if cfd is not None:
+                        self._push(cfd, e.name)
+                    n += 1
+                    # After the entry, not before: a pause loses nothing.
+                    if n % self.CHECK_EVERY == 0 and (deadline is not None or interrupt or progress):
+                        if progress:
+                            progress(self.entries, self.bytes)
+                        if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
+                            return False        # the iterators keep their place
+                    if cfd is not None:
+                        break
+                else:
+                    self._leave()
+        except _WalkOver:
+            self.close()
+            return True
+        except BaseException:
+            self.close()
+            raise
+        self.done = True
+        return True
+
+    def close(self):
+        for fd, it, name in self._stack:
+            it.close()
+            if name is not None or self.owns_top:
+                os.close(fd)
+        self._stack = []
+        self.done = True
+
+    def _push(self, fd, name):
+        try:
+            it = os.scandir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._stack.append((fd, it, name))
+
+    def _leave(self):
+        fd, it, name = self._stack.pop()
+        it.close()
+        if not self._stack:
+            if self.owns_top:
+                os.close(fd)
+            return
+        os.close(fd)
+        if self.flags & WALK_REMOVE:
+            try:
+                _in_dir(os.rmdir, self._stack[-1][0], name, self.flags & WALK_RECLAIM)
+                self.stats.dirs += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.stats.fail("rmdir", name, e.errno)
+
+    def _measure_entry(self, fd, e):
+        self.entries += 1
+        if self.entries > self.max_entries:
+            self.complete, self.why = False, f"more than {self.max_entries} entries"
+            raise _WalkOver()
+        try:
+            st = lstat_at(fd, e.name)
+        except OSError:
+            return None
+        if st.mount_root:
+            # Another filesystem: not measured, never entered.
+            if not (len(self._stack) == 1 and e.name in self.mounts_at_top):
+                self.complete, self.why = False, f"a mount point inside ({e.name!r})"
+            return None
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in self._linked:
+                return None
+            self._linked.add((st.st_dev, st.st_ino))
+        self.bytes += st.st_blocks * 512
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        if len(self._stack) >= MAX_DEPTH:
+            self.complete, self.why = False, f"deeper than {MAX_DEPTH} levels"
+            return None
+        try:
+            return _open_child_dir(fd, e.name)
+        except OSError:
+            return None
+
+    def _remove_entry(self, fd, e):
+        stats, budget, nm = self.stats, self.budget, e.name
+        fix = self.flags & WALK_RECLAIM
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if is_dir and budget is not None:
+            budget.charge()
+        if not is_dir:
+            try:
+                if self.flags & WALK_SIZES:
+                    nbytes = lstat_at(fd, nm).st_blocks * 512
+                    if budget is not None:
+                        budget.charge(nbytes)
+                    _in_dir(os.unlink, fd, nm, fix)
+                    stats.bytes += nbytes
+                else:
+                    _in_dir(os.unlink, fd, nm, fix)
+                    stats.sized = False
+                stats.files += 1
+                return None
+            except FileNotFoundError:
+                return None
+            except IsADirectoryError:
+                pass            # replaced by a directory meanwhile
+            except OSError as err:
+                stats.fail("unlinkat", nm, err.errno)
+                return None
+        if len(self._stack) >= MAX_DEPTH:
+            self._moved_up += 1
+            try:
+                os.rename(nm, f".deep.{self._moved_up}.{_nonce()}", src_dir_fd=fd, dst_dir_fd=self._stack[0][0])
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                stats.fail("renameat", nm, err.errno)
+            return None
+        try:
+            return _open_own_child_dir(fd, nm, fix)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno == errno.EXDEV:
+                stats.mounts_skipped += 1
+                stats.fail("openat2", nm, err.errno)
+            elif err.errno in (errno.ELOOP, errno.ENOTDIR):
+                try:
+                    _in_dir(os.unlink, fd, nm, fix)
+                    stats.files += 1
+                except OSError as e2:
+                    stats.fail("unlinkat", nm, e2.errno)
+            else:
+                stats.fail("openat2", nm, err.errno)
+            return None
+
+
 def _empty(top, stats, budget, sizes, fix=False):
-    counter = 0
-    stack = [(top, os.scandir(top), None)]
-    try:
-        while stack:
-            fd, it, _ = stack[-1]
-            child = None
-            for entry in it:
-                nm = entry.name
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    is_dir = False
-                if is_dir and budget is not None:
-                    budget.charge()
-                if not is_dir:
-                    try:
-                        if sizes:
-                            nbytes = lstat_at(fd, nm).st_blocks * 512
-                            if budget is not None:
-                                budget.charge(nbytes)
-                            _in_dir(os.unlink, fd, nm, fix)
-                            stats.bytes += nbytes
-                        else:
-                            _in_dir(os.unlink, fd, nm, fix)
-                            stats.sized = False
-                        stats.files += 1
-                        continue
-                    except FileNotFoundError:
-                        continue
-                    except IsADirectoryError:
-                        pass            # replaced by a directory meanwhile
-                    except OSError as e:
-                        stats.fail("unlinkat", nm, e.errno)
-                        continue
-                if len(stack) >= MAX_DEPTH:
-                    counter += 1
-                    try:
-                        os.rename(nm, f".deep.{counter}.{_nonce()}", src_dir_fd=fd, dst_dir_fd=top)
-                    except FileNotFoundError:
-                        pass
-                    except OSError as e:
-                        stats.fail("renameat", nm, e.errno)
-                    continue
-                try:
-                    cfd = _open_own_child_dir(fd, nm, fix)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    if e.errno == errno.EXDEV:
-                        stats.mounts_skipped += 1
-                        stats.fail("openat2", nm, e.errno)
-                    elif e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        try:
-                            _in_dir(os.unlink, fd, nm, fix)
-                            stats.files += 1
-                        except OSError as e2:
-                            stats.fail("unlinkat", nm, e2.errno)
-                    else:
-                        stats.fail("openat2", nm, e.errno)
-                    continue
-                child = (cfd, os.scandir(cfd), nm)
-                break
-            if child:
-                stack.append(child)
-                continue
-            fd, it, nm = stack.pop()
-            it.close()
-            if stack:
-                os.close(fd)
-                try:
-                    _in_dir(os.rmdir, stack[-1][0], nm, fix)
-                    stats.dirs += 1
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    stats.fail("rmdir", nm, e.errno)
-    finally:
-        for fd, it, nm in stack:
-            it.close()
-            if nm is not None:
-                os.close(fd)
+    """Remove everything below the open directory top (left open): one
+    removing TreeWalk, to the end or until the Budget stops it."""
+    flags = WALK_REMOVE | (WALK_SIZES if sizes else 0) | (WALK_RECLAIM if fix else 0)
+    TreeWalk(top, flags, owns_top=False, stats=stats, budget=budget).step()
 
 
 def remove_as_owner(parent_fd, name):
@@ -677,102 +805,21 @@ def _empty_as(top, sub, uid, gid, stats):
     stats.errors += got["errors"][:MAX_ERRORS_KEPT - len(stats.errors)]
 
 
-class UsageWalk:
-    """Bytes and entries of dirfd/name, walked like removal (never a
-    symlink, never another mount, at most MAX_DEPTH directories open), in
-    steps: step() walks until a deadline or until interrupt() says the
-    caller has something more urgent, and goes on where it stopped at the
-    next call.  So the daemon can measure a user's tree of any size without
-    making a Prolog wait (no work that grows with user data in one turn).
-
-    Each inode is counted once: a file hard-linked 100 times into the tree
-    is one file's size, not a hundred (a user must not be able to inflate
-    their kept directory, and with it the eviction of others').
-
-    complete is False when max_entries or MAX_DEPTH cut the walk short
-    (callers that enforce a budget must then treat the tree as too big)."""
-
-    CHECK_EVERY = 256           # entries between two looks at the clock
+class UsageWalk(TreeWalk):
+    """Bytes and entries of dirfd/name, measured by a TreeWalk in steps
+    (see there), so the daemon can measure a user's tree of any size
+    without making a Prolog wait (no work that grows with user data in one
+    turn).  complete is False when max_entries, MAX_DEPTH or a mount point
+    cut the walk short (callers that enforce a budget must then treat the
+    tree as too big)."""
 
     def __init__(self, dirfd, name, max_entries=10_000_000, mounts_at_top=()):
-        # mounts_at_top: names in the top directory that are mount points
-        # of our own (limit='s image at fs/, counted through its image file):
-        # skipped, not a reason to call the walk incomplete.
-        self.mounts_at_top = frozenset(mounts_at_top)
-        self.bytes = self.entries = 0
-        self.complete, self.done = True, False
-        self.why = ""           # when not complete: what cut the walk short
-        self.max_entries = max_entries
-        self._linked = set()    # (dev, ino) of files with more than one link, counted once
         top = _open_child_dir(dirfd, name)
         try:
-            self._stack = [(top, os.scandir(top))]
+            super().__init__(top, 0, owns_top=True, max_entries=max_entries, mounts_at_top=mounts_at_top)
         except BaseException:
             os.close(top)
             raise
-
-    def step(self, deadline=None, interrupt=None, progress=None):
-        """Walk on; True once the walk is over (then the fds are closed)."""
-        n = 0
-        try:
-            while self._stack:
-                fd, it = self._stack[-1]
-                child = None
-                for e in it:
-                    self.entries += 1
-                    n += 1
-                    if self.entries > self.max_entries:
-                        self.complete, self.why = False, f"more than {self.max_entries} entries"
-                        self.close()
-                        return True
-                    if n % self.CHECK_EVERY == 0:
-                        if progress:
-                            progress(self.entries, self.bytes)
-                        if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
-                            return False        # the iterator keeps its place
-                    try:
-                        st = lstat_at(fd, e.name)
-                    except OSError:
-                        continue
-                    if st.mount_root:
-                        # Another filesystem: not measured, never entered.
-                        if not (len(self._stack) == 1 and e.name in self.mounts_at_top):
-                            self.complete, self.why = False, f"a mount point inside ({e.name!r})"
-                        continue
-                    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                        if (st.st_dev, st.st_ino) in self._linked:
-                            continue
-                        self._linked.add((st.st_dev, st.st_ino))
-                    self.bytes += st.st_blocks * 512
-                    if not stat.S_ISDIR(st.st_mode):
-                        continue
-                    if len(self._stack) >= MAX_DEPTH:
-                        self.complete, self.why = False, f"deeper than {MAX_DEPTH} levels"
-                        continue
-                    try:
-                        cfd = _open_child_dir(fd, e.name)
-                    except OSError:
-                        continue
-                    child = (cfd, os.scandir(cfd))
-                    break
-                if child:
-                    self._stack.append(child)
-                    continue
-                fd, it = self._stack.pop()
-                it.close()
-                os.close(fd)
-        except BaseException:
-            self.close()
-            raise
-        self.done = True
-        return True
-
-    def close(self):
-        for fd, it in self._stack:
-            it.close()
-            os.close(fd)
-        self._stack = []
-        self.done = True
 
 
 def tree_usage(dirfd, name, max_entries=10_000_000, progress=None):
