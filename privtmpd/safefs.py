@@ -536,6 +536,7 @@ class TreeWalk:
                  budget: Optional[Budget] = None, max_entries: int = 10_000_000,
                  mounts_at_top: Iterable[str] = ()) -> None:
         self.flags, self.owns_top = flags, owns_top
+        self._sizes, self._fix = bool(flags & WALK_SIZES), bool(flags & WALK_RECLAIM)
         self.stats = stats if stats is not None else RemoveStats()
         self.budget = budget
         self.bytes = self.entries = 0
@@ -555,21 +556,23 @@ class TreeWalk:
     def step(self, deadline: Optional[float] = None, interrupt: Optional[Callable[[], bool]] = None,
              progress: Optional[Callable[[int, int], None]] = None) -> bool:
         """Walk on; True once the walk is over (then the fds are closed)."""
-        n = 0
+        n, visit = 0, self._visit
+        paced = deadline is not None or interrupt is not None or progress is not None
         try:
             while self._stack:
                 fd, it, _ = self._stack[-1]
                 for e in it:
-                    cfd = self._visit(fd, e)
+                    cfd = visit(fd, e)
                     if cfd is not None:
                         self._push(cfd, e.name)
-                    n += 1
-                    # After the entry, not before: a pause loses nothing.
-                    if n % self.CHECK_EVERY == 0 and (deadline is not None or interrupt or progress):
-                        if progress:
-                            progress(self.entries, self.bytes)
-                        if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
-                            return False        # the iterators keep their place
+                    if paced:
+                        n += 1
+                        # After the entry, not before: a pause loses nothing.
+                        if n % self.CHECK_EVERY == 0:
+                            if progress:
+                                progress(self.entries, self.bytes)
+                            if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
+                                return False        # the iterators keep their place
                     if cfd is not None:
                         break
                 else:
@@ -609,7 +612,7 @@ class TreeWalk:
         os.close(fd)
         if self.flags & WALK_REMOVE:
             try:
-                _in_dir(os.rmdir, self._stack[-1][0], name, bool(self.flags & WALK_RECLAIM))
+                _in_dir(os.rmdir, self._stack[-1][0], name, self._fix)
                 self.stats.dirs += 1
             except FileNotFoundError:
                 pass
@@ -646,8 +649,7 @@ class TreeWalk:
             return None
 
     def _remove_entry(self, fd: int, e: "os.DirEntry[str]") -> Optional[int]:
-        stats, budget, nm = self.stats, self.budget, e.name
-        fix = bool(self.flags & WALK_RECLAIM)
+        stats, budget, nm, fix = self.stats, self.budget, e.name, self._fix
         try:
             is_dir = e.is_dir(follow_symlinks=False)
         except OSError:
@@ -656,7 +658,7 @@ class TreeWalk:
             budget.charge()
         if not is_dir:
             try:
-                if self.flags & WALK_SIZES:
+                if self._sizes:
                     nbytes = lstat_at(fd, nm).st_blocks * 512
                     if budget is not None:
                         budget.charge(nbytes)
