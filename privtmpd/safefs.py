@@ -510,9 +510,10 @@ class TreeWalk:
     swapped for a symlink between two steps is never resolved), no symlink
     ever followed, no other mount entered (openat2 RESOLVE_NO_XDEV, or
     mnt_id; statx's mount-root attribute when measuring), at most
-    MAX_DEPTH directories open whatever the depth.  User-controlled names
-    are only ever stat'ed with statx(AT_STATX_DONT_SYNC | AT_NO_AUTOMOUNT)
-    (lstat_at), which cannot hang on a user's FUSE mount.
+    MAX_DEPTH directories open whatever the depth.  Where it stats a
+    user's name it uses statx(AT_STATX_DONT_SYNC | AT_NO_AUTOMOUNT)
+    (lstat_at), which cannot hang on a user's FUSE mount; removal otherwise
+    goes by the type scandir read from the directory entry.
 
     The walker keeps the stack; flags choose the per-entry handler, which
     returns the fd of a directory to descend into, or None.  step() walks
