@@ -19,21 +19,11 @@
  *   session required pam_privtmpd.so rundir=/run/privtmpd tmpdir=/tmp
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <sched.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/stat.h>
 #include <syslog.h>
-#include <unistd.h>
-#include <linux/nsfs.h>
 #include <security/pam_modules.h>
 #include <security/pam_ext.h>
 
-#include "../spank/trusted_dir.h"
+#include "../spank/privtmpd_entry.h"
 
 /* The job id in /proc/self/cgroup (job_<id> components); 0 if none, -1 if
  * the lines disagree (then we do not guess). */
@@ -64,26 +54,18 @@ static long adopted_job(void)
 int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
 			const char **argv)
 {
-	const char *rundir = "/run/privtmpd", *tmpdir = "/tmp";
-	char path[4096], idstr[24], env[4200];
-	const char *what = "";
-	int i, dirfd, nsfd;
+	struct entry_args args;
+	struct pin pin;
+	const char *bad;
+	char env[PATH_MAX + 8];
 	long job;
 
 	(void)flags;
-	for (i = 0; i < argc; i++) {
-		if (!strncmp(argv[i], "rundir=", 7) && argv[i][7] == '/')
-			rundir = argv[i] + 7;
-		else if (!strncmp(argv[i], "tmpdir=", 7) && argv[i][7] == '/')
-			tmpdir = argv[i] + 7;
-		else if (!strcmp(argv[i], "tmpdir=none"))
-			tmpdir = NULL;
-		else {
-			pam_syslog(pamh, LOG_ERR, "invalid argument '%s' "
-				   "(rundir=/dir, tmpdir=/dir or tmpdir=none)",
-				   argv[i]);
-			return PAM_SESSION_ERR;
-		}
+	bad = parse_entry_args(&args, argc, argv, 0);
+	if (bad) {
+		pam_syslog(pamh, LOG_ERR, "invalid argument '%s' (rundir=/dir, "
+			   "tmpdir=/dir or tmpdir=none)", bad);
+		return PAM_SESSION_ERR;
 	}
 	job = adopted_job();
 	if (job == 0)
@@ -93,32 +75,17 @@ int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
 			   "from /proc/self/cgroup");
 		return PAM_SESSION_ERR;
 	}
-	snprintf(idstr, sizeof(idstr), "%ld", job);
-	if (snprintf(path, sizeof(path), "%s/ns", rundir) >= (int)sizeof(path))
-		return PAM_SESSION_ERR;
-	dirfd = open_trusted_dir(path, &what);
-	if (dirfd < 0) {
-		pam_syslog(pamh, LOG_ERR, "job %ld: %s/ns: %s: %m", job,
-			   rundir, what);
+	if (pin_init(&pin, args.rundir, job) < 0 || open_pin_dir(&pin) < 0 ||
+	    open_pin(&pin) < 0 || check_pin(&pin) < 0 || enter_pin(&pin) < 0) {
+		pam_syslog(pamh, LOG_ERR, PIN_FMT, PIN_ARGS(&pin));
+		close_pin(&pin);
 		return PAM_SESSION_ERR;
 	}
-	nsfd = openat(dirfd, idstr, O_RDONLY | O_NOFOLLOW | O_NONBLOCK |
-		      O_CLOEXEC);
-	if (nsfd < 0 || ioctl(nsfd, NS_GET_NSTYPE) != CLONE_NEWNS ||
-	    setns(nsfd, CLONE_NEWNS) < 0) {
-		pam_syslog(pamh, LOG_ERR, "job %ld: cannot enter its namespace "
-			   "%s/ns/%s: %m", job, rundir, idstr);
-		if (nsfd >= 0)
-			close(nsfd);
-		close(dirfd);
-		return PAM_SESSION_ERR;
-	}
-	close(nsfd);
-	close(dirfd);
+	close_pin(&pin);
 	if (chdir("/") < 0)     /* the old cwd belongs to the host namespace */
 		return PAM_SESSION_ERR;
-	snprintf(env, sizeof(env), "TMPDIR=%s", tmpdir ? tmpdir : "");
-	if (tmpdir && pam_putenv(pamh, env) != PAM_SUCCESS)
+	snprintf(env, sizeof(env), "TMPDIR=%s", args.tmpdir ? args.tmpdir : "");
+	if (args.tmpdir && pam_putenv(pamh, env) != PAM_SUCCESS)
 		return PAM_SESSION_ERR;
 	return PAM_SUCCESS;
 }

@@ -25,7 +25,7 @@ FREEZE_WAIT = 1.0       # seconds a freeze may take before we kill anyway
 def _mounts():
     """{"v2": mount point, "freezer": mount point} of the cgroup hierarchies we use."""
     from .proc import mounts        # proc imports this module
-    out = {}
+    out: dict[str, str] = {}
     for m in mounts():
         if m.fstype == "cgroup2":
             out.setdefault("v2", m.mountpoint)

@@ -410,7 +410,7 @@ def _under(path, top):
 
 
 def _check_consistency(cfg, at):
-    by_name = {}
+    by_name: dict[str, str] = {}
     for m in cfg.mounts:
         where = cfg.lines.get(f"mount={m}", cfg.source)
         name = names.mount_dirname(m)

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import sys
+from typing import NoReturn
 import time
 
 from . import __version__, config, kernel, limitfs, mountopts, names, runstate, safefs
@@ -387,7 +388,7 @@ def _become(uid, gid, user):
     os.setresuid(uid, uid, uid)
 
 
-def _exec(cmd):
+def _exec(cmd: list) -> NoReturn:
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:

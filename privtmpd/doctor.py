@@ -142,7 +142,7 @@ class Doctor:
         self.slurm_conf = find_slurm_conf(slurm_conf)
         self.slurm_conf_explicit = bool(slurm_conf or os.environ.get("SLURM_CONF"))
         self.results = []
-        self.cfg = None
+        self.cfg: config.Config         # loaded by check_config, the first check
         self.sysctl_fs = "/proc/sys/fs"
 
     def add(self, name, status, detail, fix=""):

@@ -11,9 +11,10 @@ import os
 import select
 import signal
 import time
+from typing import Callable, Optional
 
 
-def run(body, seconds):
+def run(body: Callable[[int], None], seconds: float) -> Optional[bytes]:
     """Fork; the child runs body(w) with w the write end of the pipe and
     exits (0 if body returned, 1 if it raised: nothing of the parent's
     Python state, such as finally blocks or atexit, runs in the child).
@@ -29,14 +30,14 @@ def run(body, seconds):
         finally:
             os._exit(code)
     os.close(w)
-    data, deadline = b"", time.monotonic() + seconds
+    data, deadline, in_time = b"", time.monotonic() + seconds, True
     try:
         poller = select.poll()
         poller.register(r, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
-                data = None
+                in_time = False
                 break
             chunk = os.read(r, 65536)
             if not chunk:
@@ -49,4 +50,4 @@ def run(body, seconds):
         except ProcessLookupError:
             pass
         os.waitpid(pid, 0)
-    return data
+    return data if in_time else None

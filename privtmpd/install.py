@@ -44,7 +44,7 @@ class InstallError(Exception):
 
 def _package_hook(kind):
     try:
-        from . import hooks
+        from . import hooks     # type: ignore[attr-defined]  # scripts/, installed as privtmpd.hooks
         here = os.path.dirname(os.path.abspath(hooks.__file__))
     except ImportError:
         here = os.path.join(_SRC_TOP, "scripts")     # running from a source checkout

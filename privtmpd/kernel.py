@@ -12,6 +12,7 @@ import errno
 import fcntl
 import sys
 import os
+from typing import Dict, Optional, Type
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -72,7 +73,9 @@ _HINTS = {
 class KernelError(OSError):
     """A failed system call: errno, syscall name, path and a hint."""
 
-    def __init__(self, err, syscall, path="", hint=""):
+    errno: int          # always set, unlike OSError's
+
+    def __init__(self, err: int, syscall: str, path: str = "", hint: str = "") -> None:
         self.syscall = syscall
         self.path = path
         self.hint = hint or _HINTS.get((syscall, err), "")
@@ -82,14 +85,14 @@ class KernelError(OSError):
         super().__init__(err, msg)
         self.filename = path or None
 
-    def __str__(self):
-        return self.strerror
+    def __str__(self) -> str:
+        return self.strerror or ""
 
 
-_ERRNO_CLASSES = {}
+_ERRNO_CLASSES: Dict[Type[OSError], Type[KernelError]] = {}
 
 
-def _error(err, syscall, path=""):
+def _error(err: int, syscall: str, path: str = "") -> KernelError:
     """A KernelError that is also the built-in OSError subclass for err
     (FileNotFoundError for ENOENT, ...), as os.* functions raise: callers
     write `except FileNotFoundError` around openat2 just as around os.open,
@@ -103,13 +106,13 @@ def _error(err, syscall, path=""):
     return cls(err, syscall, path)
 
 
-def _check(ret, syscall, path=""):
+def _check(ret: int, syscall: str, path: str = "") -> int:
     if ret < 0:
         raise _error(ctypes.get_errno(), syscall, path)
     return ret
 
 
-def _b(value):
+def _b(value: Optional[str]) -> Optional[bytes]:
     return None if value is None else os.fsencode(value)
 
 
@@ -122,44 +125,45 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _libc.syscall.restype = ctypes.c_long
 
 
-def mount(source, target, fstype, flags, data=None):
+def mount(source: Optional[str], target: str, fstype: Optional[str], flags: int,
+          data: Optional[str] = None) -> None:
     _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), "mount", target)
 
 
-def umount2(target, flags=0):
+def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), flags), "umount2", target)
 
 
-def unshare(flags):
+def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
-def setns(fd, nstype, path=""):
+def setns(fd: int, nstype: int, path: str = "") -> None:
     _check(_libc.setns(fd, nstype), "setns", path)
 
 
 PR_SET_PDEATHSIG = 1
 
 
-def prctl(option, arg):
+def prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
            "prctl")
 
 
-def set_pdeathsig(sig):
+def set_pdeathsig(sig: int) -> None:
     """prctl(PR_SET_PDEATHSIG): the kernel sends sig to the caller when its
     parent dies."""
     prctl(PR_SET_PDEATHSIG, sig)
 
 
-def fallocate(fd, offset, length, path=""):
+def fallocate(fd: int, offset: int, length: int, path: str = "") -> None:
     """fallocate(2) mode 0: allocate the blocks (unwritten extents, read as
     zeros) without writing them.  Unlike posix_fallocate, never falls back
     to writing zeros: a filesystem without fallocate raises EOPNOTSUPP."""
     _check(_libc.fallocate(fd, 0, offset, length), "fallocate", path)
 
 
-def renameat2(olddirfd, oldname, newdirfd, newname, flags):
+def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int) -> None:
     _check(_libc.renameat2(olddirfd, _b(oldname), newdirfd, _b(newname), flags), "renameat2", oldname)
 
 
@@ -167,7 +171,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def openat2(dirfd, name, flags, resolve, mode=0):
+def openat2(dirfd: int, name: str, flags: int, resolve: int, mode: int = 0) -> int:
     """openat2(2): flags always get O_CLOEXEC; resolve restricts the lookup."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     fd = _libc.syscall(ctypes.c_long(_SYS_openat2), ctypes.c_int(dirfd), ctypes.c_char_p(_b(name)),
@@ -201,8 +205,17 @@ class Stat:
     """The fields of statx(2) that privtmpd uses, named as os.stat_result's."""
     __slots__ = ("st_mode", "st_uid", "st_gid", "st_ino", "st_dev", "st_nlink", "st_blocks", "st_size",
                  "mount_root")
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_ino: int
+    st_dev: int
+    st_nlink: int
+    st_blocks: int
+    st_size: int
+    mount_root: bool
 
-    def __init__(self, sx):
+    def __init__(self, sx: "_Statx") -> None:
         self.st_mode, self.st_uid, self.st_gid, self.st_ino = sx.mode, sx.uid, sx.gid, sx.ino
         self.st_dev = os.makedev(sx.dev_major, sx.dev_minor)
         self.st_nlink, self.st_blocks, self.st_size = sx.nlink, sx.blocks, sx.size
@@ -215,7 +228,7 @@ if _statx is not None:
     _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
 
 
-def statx_nofollow(dirfd, name):
+def statx_nofollow(dirfd: int, name: str) -> Stat:
     """statx(2) of dirfd/name without following a symlink, without
     triggering an automount, and without asking a network or FUSE
     filesystem for fresh attributes (AT_STATX_DONT_SYNC): the cached ones
@@ -233,7 +246,7 @@ def statx_nofollow(dirfd, name):
     return Stat(sx)
 
 
-def ns_type(fd):
+def ns_type(fd: int) -> Optional[int]:
     """NS_GET_NSTYPE on an nsfs file: the CLONE_NEW* constant, or None when the
     file is not a namespace (a plain file, e.g. a pin that was unmounted)."""
     try:
@@ -244,7 +257,7 @@ def ns_type(fd):
         raise
 
 
-def ns_owner_uid(fd):
+def ns_owner_uid(fd: int) -> int:
     """NS_GET_OWNER_UID on a user namespace's nsfs file: the uid that created
     it, as this process's user namespace sees it."""
     buf = fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4)

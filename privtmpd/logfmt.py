@@ -20,6 +20,7 @@ import logging.handlers
 import os
 import re
 import sys
+from typing import Optional
 
 _PLAIN = re.compile(r"[^\s\"=\\]+\Z")
 
@@ -131,7 +132,7 @@ def setup_logging(foreground, debug):
     """Where the daemon's lines go: syslog when detached, else stderr;
     under systemd stderr is the journal, which reads a "<N>" prefix as the
     line's priority."""
-    handler = None
+    handler: Optional[logging.Handler] = None
     if not foreground and os.path.exists("/dev/log"):
         try:
             handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)

@@ -17,6 +17,7 @@ import math
 import os
 import secrets
 import time
+from typing import Dict, List, Optional, Tuple
 
 from . import __version__
 
@@ -32,7 +33,7 @@ SLOW_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0)
 RESULTS = ("ok", "refused", "error")
 
 # name -> (type, help, {label: initial values}, buckets)
-FAMILIES = {
+FAMILIES: Dict[str, Tuple[str, str, Dict[str, Tuple[str, ...]], Optional[Tuple[float, ...]]]] = {
     "privtmpd_build_info": ("gauge", "privtmpd version running on this node (always 1).", {}, None),
     "privtmpd_start_time_seconds": ("gauge", "Unix time the daemon started.", {}, None),
     "privtmpd_jobs_active": ("gauge", "Job namespaces currently pinned on this node.", {}, None),
@@ -86,14 +87,15 @@ class Metrics:
     def __init__(self, cfg, log=None):
         self.path = os.path.join(cfg.metrics_dir, FILENAME) if cfg.metrics_dir else None
         self.log = log
-        self.values = {}            # (name, labels) -> number, for counters and gauges
-        self.hist = {}              # name -> [bucket counts..., sum, count]
+        # (name, labels) -> number, for counters and gauges
+        self.values: Dict[Tuple[str, Tuple[Tuple[str, object], ...]], float] = {}
+        self.hist: Dict[str, List[float]] = {}      # name -> [bucket counts..., sum, count]
         self.dirty = True
         self.last = 0.0
         self.failing = False
         for name, (kind, _help, labels, buckets) in FAMILIES.items():
             if kind == "histogram":
-                self.hist[name] = [0] * len(buckets) + [0.0, 0]
+                self.hist[name] = [0] * len(buckets or ()) + [0.0, 0]
             elif name in ("privtmpd_build_info", "privtmpd_start_time_seconds"):
                 continue
             elif labels:
@@ -121,7 +123,7 @@ class Metrics:
 
     def observe(self, name, seconds):
         h = self.hist[name]
-        for i, bound in enumerate(FAMILIES[name][3]):
+        for i, bound in enumerate(FAMILIES[name][3] or ()):
             if seconds <= bound:
                 h[i] += 1
         h[-2] += seconds
@@ -134,14 +136,14 @@ class Metrics:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             if kind == "histogram":
                 h = self.hist[name]
-                for bound, n in zip(buckets, h):
+                for bound, n in zip(buckets or (), h):
                     lines.append(f'{name}_bucket{{le="{_num(bound)}"}} {n}')
                 lines.append(f'{name}_bucket{{le="+Inf"}} {h[-1]}')
                 lines.append(f"{name}_sum {_num(h[-2])}")
                 lines.append(f"{name}_count {h[-1]}")
                 continue
-            for (n, labels), v in sorted(self.values.items()):
-                if n == name:
+            for (family, labels), v in sorted(self.values.items()):
+                if family == name:
                     lines.append(f"{name}{_label_text(labels)} {_num(v)}")
         return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ with a message that names the field.  Numbers travel as decimal strings
 """
 
 import json
+from typing import Any, Callable, Dict, Tuple
 
 from . import names
 
@@ -25,7 +26,7 @@ class ProtocolError(ValueError):
 SHOWN_MAX = 40      # characters of a client's value quoted back in an error
 
 
-def _shown(value):
+def _shown(value: object) -> str:
     """A client's value as an error message may quote it: short.  The
     sender of a hostile request must not get its 4 KB back in the reply,
     nor fill the daemon's log with it."""
@@ -33,48 +34,48 @@ def _shown(value):
     return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}... ({len(text)} characters)"
 
 
-def _job(v):
+def _job(v: object) -> int:
     return names.parse_job_id(v)
 
 
-def _restart(v):
+def _restart(v: object) -> int:
     return names.parse_restart_count(v)
 
 
-def _uid(v):
+def _uid(v: object) -> int:
     return names.parse_id(v, "uid")
 
 
-def _gid(v):
+def _gid(v: object) -> int:
     return names.parse_id(v, "gid")
 
 
-def _user(v):
+def _user(v: object) -> str:
     if not isinstance(v, str) or len(v) > 64 or not v.isprintable():
         raise names.BadName("user must be a printable string of at most 64 characters")
     return v
 
 
-def _exit_code(v):
+def _exit_code(v: object) -> int:
     # SLURM_JOB_EXIT_CODE / SLURM_JOB_DERIVED_EC: a wait status, as decimal.
     return names.parse_id(v, "exit code")
 
 
-def _slurm_conf(v):
+def _slurm_conf(v: object) -> str:
     # Only ever given to scontrol as SLURM_CONF (limit_from=tmp).
     if not isinstance(v, str) or not v.startswith("/") or len(v) > 1024 or not v.isprintable():
         raise names.BadName("slurm_conf must be an absolute path")
     return v
 
 
-def _flag(v):
+def _flag(v: object) -> bool:
     if not isinstance(v, bool):
         raise names.BadName("must be true or false")
     return v
 
 
 # op -> {field: (parser, required)}
-OPS = {
+OPS: Dict[str, Dict[str, Tuple[Callable[[object], Any], bool]]] = {
     "create": {"job": (_job, True), "restart": (_restart, True), "uid": (_uid, True),
                "gid": (_gid, True), "user": (_user, False), "slurm_conf": (_slurm_conf, False)},
     "destroy": {"job": (_job, True), "restart": (_restart, False), "exit_code": (_exit_code, False)},
@@ -88,7 +89,7 @@ OPS = {
 MAX_DEPTH = 2       # the request object and one level in it
 
 
-def _too_deep(line):
+def _too_deep(line: bytes) -> bool:
     """Brackets nested deeper than MAX_DEPTH outside strings."""
     if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
         return False            # every real request: no scan
@@ -112,7 +113,7 @@ def _too_deep(line):
     return False
 
 
-def parse_request(data):
+def parse_request(data: bytes) -> Tuple[str, Dict[str, Any]]:
     """bytes (as received, newline included) -> (op, {field: value})."""
     if not data:
         raise ProtocolError("empty request")
@@ -147,7 +148,7 @@ def parse_request(data):
     if unknown:
         shown = ", ".join(map(_shown, unknown[:3])) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise ProtocolError(f"{op}: unknown field(s) {shown}")
-    fields = {}
+    fields: Dict[str, Any] = {}
     for key, (parse, required) in spec.items():
         if key not in msg:
             if required:
@@ -160,14 +161,14 @@ def parse_request(data):
     return op, fields
 
 
-def encode(obj):
+def encode(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-def ok(**fields):
+def ok(**fields: Any) -> bytes:
     return encode({"ok": True, **fields})
 
 
-def error(message, kind="failed"):
+def error(message: str, kind: str = "failed") -> bytes:
     """kind: "bad-request" (the client's fault), "failed" (ours or the system's)."""
     return encode({"ok": False, "error": message, "kind": kind})

@@ -20,6 +20,7 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple
 
 from . import forked, kernel
 from .kernel import KernelError
@@ -32,7 +33,7 @@ class UnsafePath(OSError):
     """A path that is not what we created or expect (squatted, swapped, symlinked)."""
 
 
-def open_dir(path, flags=_DIR_FLAGS):
+def open_dir(path: str, flags: int = _DIR_FLAGS) -> int:
     """Open an absolute directory path component by component, refusing any
     symlink on the way (O_NOFOLLOW on each openat)."""
     if not path.startswith("/"):
@@ -56,7 +57,7 @@ def open_dir(path, flags=_DIR_FLAGS):
     return fd
 
 
-def open_verified(path, dev, ino):
+def open_verified(path: str, dev: int, ino: int) -> int:
     """O_PATH fd on path (no symlink anywhere), checked to be exactly the
     inode (dev, ino) we created.  Used in the namespace child, which must
     reopen the job directories after unshare (a directory fd from the host
@@ -70,20 +71,20 @@ def open_verified(path, dev, ino):
     return fd
 
 
-def _nonce():
+def _nonce() -> str:
     return secrets.token_hex(6)
 
 
 @dataclass
 class Placement:
     """Result of create_job_dir."""
-    subdirs: dict            # name -> (st_dev, st_ino)
+    subdirs: Dict[str, Tuple[int, int]]     # name -> (st_dev, st_ino)
     displaced: str = ""      # what was found at the job path and moved aside, for the log
     displaced_name: str = ""
     displaced_ours: bool = False
 
 
-def create_job_dir(parent_fd, name, subdirs, uid, gid, mode):
+def create_job_dir(parent_fd: int, name: str, subdirs: Iterable[str], uid: int, gid: int, mode: int) -> Placement:
     """Create <parent>/<name> (root, 0700) with one subdirectory per mount,
     owned by uid:gid, and place it atomically at <name>.
 
@@ -123,7 +124,7 @@ def create_job_dir(parent_fd, name, subdirs, uid, gid, mode):
             _remove_if_ours(parent_fd, tmp, ours)
 
 
-def _remove_if_ours(parent_fd, tmp, ours):
+def _remove_if_ours(parent_fd: int, tmp: str, ours: Optional[Tuple[int, int]]) -> None:
     # Once RENAME_EXCHANGE has swapped our directory into place, tmp holds
     # whatever a user had put at the job path; if noting it failed, that is
     # the user's, and root never deletes what a user made.
@@ -135,7 +136,7 @@ def _remove_if_ours(parent_fd, tmp, ours):
         remove_tree(parent_fd, tmp)
 
 
-def make_user_dirs(dirfd, subdirs, uid, gid, mode):
+def make_user_dirs(dirfd: int, subdirs: Iterable[str], uid: int, gid: int, mode: int) -> Dict[str, Tuple[int, int]]:
     """mkdir each of subdirs in dirfd (a root-owned directory nobody else
     can write), then hand it to uid:gid with mode through an fd on the new
     inode.  Returns {name: (st_dev, st_ino)}, the identity the namespace
@@ -154,7 +155,7 @@ def make_user_dirs(dirfd, subdirs, uid, gid, mode):
     return made
 
 
-def _place(parent_fd, tmp, name, result):
+def _place(parent_fd: int, tmp: str, name: str, result: Placement) -> None:
     for _ in range(16):
         try:
             kernel.renameat2(parent_fd, tmp, parent_fd, name, kernel.RENAME_NOREPLACE)
@@ -185,7 +186,7 @@ def _place(parent_fd, tmp, name, result):
     raise UnsafePath(errno.EEXIST, f"{name} keeps being re-created while the job starts")
 
 
-def _place_plain(parent_fd, tmp, name, result):
+def _place_plain(parent_fd: int, tmp: str, name: str, result: Placement) -> None:
     # Without RENAME_NOREPLACE, rename(2) would silently replace an empty
     # directory of a user's at the job path: move whatever is there aside
     # first, and only then rename ours in.  What is left is a window of one
@@ -209,7 +210,7 @@ def _place_plain(parent_fd, tmp, name, result):
     raise UnsafePath(errno.EEXIST, f"{name} keeps being re-created while the job starts")
 
 
-def _note_displaced(parent_fd, at, name, result):
+def _note_displaced(parent_fd: int, at: str, name: str, result: Placement) -> None:
     """Whatever sat at the job path: our own leftover (root-owned directory)
     is left under `at` for the caller to remove; anything else belongs to a
     user and is renamed <name>.squatted.<nonce> and left alone: root never
@@ -239,7 +240,7 @@ def _note_displaced(parent_fd, at, name, result):
     result.displaced = f"{kind} owned by uid {st.st_uid}, moved to {squatted}"
 
 
-def lstat_at(dirfd, name):
+def lstat_at(dirfd: int, name: str) -> kernel.Stat:
     """lstat of dirfd/name that cannot hang: a user may put a FUSE mount on
     any name they own (in a sticky /tmp, in their kept directory), and a
     plain lstat of a mount point asks the mounted filesystem, which may
@@ -247,7 +248,7 @@ def lstat_at(dirfd, name):
     return kernel.statx_nofollow(dirfd, name)
 
 
-def is_ours(parent_fd, name):
+def is_ours(parent_fd: int, name: str) -> bool:
     """parent/name is a directory owned by root: the mark of everything
     privtmpd makes next to user-writable places (users cannot create
     root-owned entries; they can create anything else with our names)."""
@@ -260,7 +261,7 @@ def is_ours(parent_fd, name):
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.mount_root
 
 
-def rename_aside(parent_fd, name, new_name):
+def rename_aside(parent_fd: int, name: str, new_name: str) -> bool:
     """Atomically take a job directory out of its path.  False if absent."""
     try:
         kernel.renameat2(parent_fd, name, parent_fd, new_name, kernel.RENAME_NOREPLACE)
@@ -288,7 +289,7 @@ PASSES_SECONDS = 300.0
 MAX_ERRORS_KEPT = 20
 
 
-def _mnt_id(fd):
+def _mnt_id(fd: int) -> Optional[int]:
     with open(f"/proc/self/fdinfo/{fd}") as f:
         for line in f:
             if line.startswith("mnt_id:"):
@@ -296,7 +297,7 @@ def _mnt_id(fd):
     return None
 
 
-def _open_child_dir(dirfd, name):
+def _open_child_dir(dirfd: int, name: str) -> int:
     """Open a subdirectory for removal: never a symlink, never another mount
     (a bind or any mount made under the job's directory, in the host
     namespace, is skipped, not emptied)."""
@@ -337,11 +338,12 @@ class Budget:
 
     INTERRUPT_EVERY = 64        # entries between two calls of interrupt()
 
-    def __init__(self, entries, nbytes, deadline, interrupt=None):
+    def __init__(self, entries: int, nbytes: int, deadline: float,
+                 interrupt: Optional[Callable[[], bool]] = None) -> None:
         self.entries, self.bytes, self.deadline = entries, nbytes, deadline
         self.interrupt = interrupt
 
-    def charge(self, nbytes=0):
+    def charge(self, nbytes: int = 0) -> None:
         self.entries -= 1
         self.bytes -= nbytes
         if self.entries < 0 or self.bytes < 0 or time.monotonic() > self.deadline:
@@ -360,19 +362,20 @@ class RemoveStats:
     sized: bool = True          # bytes counts every removed file (see remove_tree's sizes=)
     mounts_skipped: int = 0
     failures: int = 0
-    errors: list = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
 
-    def fail(self, what, name, err):
+    def fail(self, what: str, name: str, err: Optional[int]) -> None:
         self.failures += 1
         if len(self.errors) < MAX_ERRORS_KEPT:
-            self.errors.append(f"{what}({name!r}): {os.strerror(err)}")
+            self.errors.append(f"{what}({name!r}): {os.strerror(err) if err else 'unknown error'}")
 
     @property
-    def complete(self):
+    def complete(self) -> bool:
         return self.failures == 0 and self.mounts_skipped == 0
 
 
-def remove_tree(parent_fd, name, stats=None, budget=None, sizes=False):
+def remove_tree(parent_fd: int, name: str, stats: Optional[RemoveStats] = None, budget: Optional[Budget] = None,
+                sizes: bool = False) -> RemoveStats:
     """Remove parent/name and everything below it.  Unremovable entries
     (immutable files, mount points) are counted and reported; the rest is
     removed anyway.  Returns RemoveStats.  With a Budget, raises OverBudget
@@ -430,7 +433,7 @@ def remove_tree(parent_fd, name, stats=None, budget=None, sizes=False):
     return stats
 
 
-def _reclaim(dirfd, fix):
+def _reclaim(dirfd: int, fix: bool) -> bool:
     """With fix (removal with a user's credentials, see remove_as_owner): a
     directory of our own that denied us (a user may chmod their directories
     0500 or 0000) gets rwx for its owner back, as the user could do
@@ -444,7 +447,7 @@ def _reclaim(dirfd, fix):
     return True
 
 
-def _in_dir(op, dirfd, name, fix):
+def _in_dir(op: Callable[..., None], dirfd: int, name: str, fix: bool) -> None:
     """op(name, dir_fd=dirfd) (os.unlink, os.rmdir), once more after
     _reclaim when the directory denied us."""
     try:
@@ -455,7 +458,7 @@ def _in_dir(op, dirfd, name, fix):
         op(name, dir_fd=dirfd)
 
 
-def _open_own_child_dir(dirfd, name, fix):
+def _open_own_child_dir(dirfd: int, name: str, fix: bool) -> int:
     try:
         return _open_child_dir(dirfd, name)
     except PermissionError:
@@ -480,91 +483,236 @@ def _open_own_child_dir(dirfd, name, fix):
         return _open_child_dir(dirfd, name)
 
 
-def _empty(top, stats, budget, sizes, fix=False):
-    counter = 0
-    stack = [(top, os.scandir(top), None)]
-    try:
-        while stack:
-            fd, it, _ = stack[-1]
-            child = None
-            for entry in it:
-                nm = entry.name
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    is_dir = False
-                if is_dir and budget is not None:
-                    budget.charge()
-                if not is_dir:
-                    try:
-                        if sizes:
-                            nbytes = lstat_at(fd, nm).st_blocks * 512
-                            if budget is not None:
-                                budget.charge(nbytes)
-                            _in_dir(os.unlink, fd, nm, fix)
-                            stats.bytes += nbytes
-                        else:
-                            _in_dir(os.unlink, fd, nm, fix)
-                            stats.sized = False
-                        stats.files += 1
-                        continue
-                    except FileNotFoundError:
-                        continue
-                    except IsADirectoryError:
-                        pass            # replaced by a directory meanwhile
-                    except OSError as e:
-                        stats.fail("unlinkat", nm, e.errno)
-                        continue
-                if len(stack) >= MAX_DEPTH:
-                    counter += 1
-                    try:
-                        os.rename(nm, f".deep.{counter}.{_nonce()}", src_dir_fd=fd, dst_dir_fd=top)
-                    except FileNotFoundError:
-                        pass
-                    except OSError as e:
-                        stats.fail("renameat", nm, e.errno)
-                    continue
-                try:
-                    cfd = _open_own_child_dir(fd, nm, fix)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    if e.errno == errno.EXDEV:
-                        stats.mounts_skipped += 1
-                        stats.fail("openat2", nm, e.errno)
-                    elif e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        try:
-                            _in_dir(os.unlink, fd, nm, fix)
-                            stats.files += 1
-                        except OSError as e2:
-                            stats.fail("unlinkat", nm, e2.errno)
-                    else:
-                        stats.fail("openat2", nm, e.errno)
-                    continue
-                child = (cfd, os.scandir(cfd), nm)
-                break
-            if child:
-                stack.append(child)
-                continue
-            fd, it, nm = stack.pop()
-            it.close()
-            if stack:
-                os.close(fd)
-                try:
-                    _in_dir(os.rmdir, stack[-1][0], nm, fix)
-                    stats.dirs += 1
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    stats.fail("rmdir", nm, e.errno)
-    finally:
-        for fd, it, nm in stack:
-            it.close()
-            if nm is not None:
-                os.close(fd)
+# What a TreeWalk does with each entry, chosen by flags as systemd's
+# rm_rf() takes them.  Without WALK_REMOVE it measures.
+WALK_REMOVE = 1         # unlink each entry, rmdir each directory once emptied
+WALK_SIZES = 2          # with WALK_REMOVE: statx each file first (its bytes, the Budget's)
+WALK_RECLAIM = 4        # with WALK_REMOVE, as the owner: give back the rwx a directory denies us
 
 
-def remove_as_owner(parent_fd, name):
+class _DirIterator(Protocol):
+    """What os.scandir returns: DirEntries, and close()."""
+
+    def __iter__(self) -> Iterator["os.DirEntry[str]"]: ...
+
+    def __next__(self) -> "os.DirEntry[str]": ...
+
+    def close(self) -> None: ...
+
+
+class _WalkOver(Exception):
+    """Raised by an entry handler to end the walk where it is."""
+
+
+class TreeWalk:
+    """The one walker below removal and measurement: depth first from an
+    open directory top, every step relative to a directory fd (a name
+    swapped for a symlink between two steps is never resolved), no symlink
+    ever followed, no other mount entered (openat2 RESOLVE_NO_XDEV, or
+    mnt_id; statx's mount-root attribute when measuring), at most
+    MAX_DEPTH directories open whatever the depth.  Where it stats a
+    user's name it uses statx(AT_STATX_DONT_SYNC | AT_NO_AUTOMOUNT)
+    (lstat_at), which cannot hang on a user's FUSE mount; removal otherwise
+    goes by the type scandir read from the directory entry.
+
+    The walker keeps the stack; flags choose the per-entry handler, which
+    returns the fd of a directory to descend into, or None.  step() walks
+    until the tree is done, a deadline passes or interrupt() says the
+    caller has something more urgent, and goes on where it stopped at the
+    next call (the daemon measures a user's tree a bounded step per turn).
+
+    Measuring (no WALK_REMOVE): bytes and entries, each inode once (a file
+    hard-linked 100 times into the tree is one file's size: a user must
+    not inflate their kept directory, and with it the eviction of
+    others'); complete is False, and why says why, when max_entries,
+    MAX_DEPTH or a mount point inside cut the walk short.
+
+    Removing (WALK_REMOVE): counts into stats (RemoveStats), charges the
+    Budget once per entry before acting on it; a subtree deeper than
+    MAX_DEPTH is moved up to top and removed from there by a later pass."""
+
+    CHECK_EVERY = 256           # entries between two looks at the clock
+
+    def __init__(self, top: int, flags: int, *, owns_top: bool, stats: Optional["RemoveStats"] = None,
+                 budget: Optional[Budget] = None, max_entries: int = 10_000_000,
+                 mounts_at_top: Iterable[str] = ()) -> None:
+        self.flags, self.owns_top = flags, owns_top
+        self._sizes, self._fix = bool(flags & WALK_SIZES), bool(flags & WALK_RECLAIM)
+        self.stats = stats if stats is not None else RemoveStats()
+        self.budget = budget
+        self.bytes = self.entries = 0
+        self.complete, self.done = True, False
+        self.why = ""           # when not complete: what cut the walk short
+        self.max_entries = max_entries
+        # Names in top that are mount points of our own (limit='s image at
+        # fs/, counted through its image file): skipped, not a reason to
+        # call the walk incomplete.
+        self.mounts_at_top = frozenset(mounts_at_top)
+        self._linked: Set[Tuple[int, int]] = set()     # files with more than one link, counted once
+        self._moved_up = 0
+        self._visit = self._remove_entry if flags & WALK_REMOVE else self._measure_entry
+        # (directory fd, its scandir, its name in the directory below; "" for top)
+        self._stack: List[Tuple[int, _DirIterator, str]] = [(top, os.scandir(top), "")]
+
+    def step(self, deadline: Optional[float] = None, interrupt: Optional[Callable[[], bool]] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> bool:
+        """Walk on; True once the walk is over (then the fds are closed)."""
+        n, visit = 0, self._visit
+        paced = deadline is not None or interrupt is not None or progress is not None
+        try:
+            while self._stack:
+                fd, it, _ = self._stack[-1]
+                for e in it:
+                    cfd = visit(fd, e)
+                    if cfd is not None:
+                        self._push(cfd, e.name)
+                    if paced:
+                        n += 1
+                        # After the entry, not before: a pause loses nothing.
+                        if n % self.CHECK_EVERY == 0:
+                            if progress:
+                                progress(self.entries, self.bytes)
+                            if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
+                                return False        # the iterators keep their place
+                    if cfd is not None:
+                        break
+                else:
+                    self._leave()
+        except _WalkOver:
+            self.close()
+            return True
+        except BaseException:
+            self.close()
+            raise
+        self.done = True
+        return True
+
+    def close(self) -> None:
+        for fd, it, name in self._stack:
+            it.close()
+            if name or self.owns_top:
+                os.close(fd)
+        self._stack = []
+        self.done = True
+
+    def _push(self, fd: int, name: str) -> None:
+        try:
+            it = os.scandir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._stack.append((fd, it, name))
+
+    def _leave(self) -> None:
+        fd, it, name = self._stack.pop()
+        it.close()
+        if not self._stack:
+            if self.owns_top:
+                os.close(fd)
+            return
+        os.close(fd)
+        if self.flags & WALK_REMOVE:
+            try:
+                _in_dir(os.rmdir, self._stack[-1][0], name, self._fix)
+                self.stats.dirs += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.stats.fail("rmdir", name, e.errno)
+
+    def _measure_entry(self, fd: int, e: "os.DirEntry[str]") -> Optional[int]:
+        self.entries += 1
+        if self.entries > self.max_entries:
+            self.complete, self.why = False, f"more than {self.max_entries} entries"
+            raise _WalkOver()
+        try:
+            st = lstat_at(fd, e.name)
+        except OSError:
+            return None
+        if st.mount_root:
+            # Another filesystem: not measured, never entered.
+            if not (len(self._stack) == 1 and e.name in self.mounts_at_top):
+                self.complete, self.why = False, f"a mount point inside ({e.name!r})"
+            return None
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in self._linked:
+                return None
+            self._linked.add((st.st_dev, st.st_ino))
+        self.bytes += st.st_blocks * 512
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        if len(self._stack) >= MAX_DEPTH:
+            self.complete, self.why = False, f"deeper than {MAX_DEPTH} levels"
+            return None
+        try:
+            return _open_child_dir(fd, e.name)
+        except OSError:
+            return None
+
+    def _remove_entry(self, fd: int, e: "os.DirEntry[str]") -> Optional[int]:
+        stats, budget, nm, fix = self.stats, self.budget, e.name, self._fix
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if is_dir and budget is not None:
+            budget.charge()
+        if not is_dir:
+            try:
+                if self._sizes:
+                    nbytes = lstat_at(fd, nm).st_blocks * 512
+                    if budget is not None:
+                        budget.charge(nbytes)
+                    _in_dir(os.unlink, fd, nm, fix)
+                    stats.bytes += nbytes
+                else:
+                    _in_dir(os.unlink, fd, nm, fix)
+                    stats.sized = False
+                stats.files += 1
+                return None
+            except FileNotFoundError:
+                return None
+            except IsADirectoryError:
+                pass            # replaced by a directory meanwhile
+            except OSError as err:
+                stats.fail("unlinkat", nm, err.errno)
+                return None
+        if len(self._stack) >= MAX_DEPTH:
+            self._moved_up += 1
+            try:
+                os.rename(nm, f".deep.{self._moved_up}.{_nonce()}", src_dir_fd=fd, dst_dir_fd=self._stack[0][0])
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                stats.fail("renameat", nm, err.errno)
+            return None
+        try:
+            return _open_own_child_dir(fd, nm, fix)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno == errno.EXDEV:
+                stats.mounts_skipped += 1
+                stats.fail("openat2", nm, err.errno)
+            elif err.errno in (errno.ELOOP, errno.ENOTDIR):
+                try:
+                    _in_dir(os.unlink, fd, nm, fix)
+                    stats.files += 1
+                except OSError as e2:
+                    stats.fail("unlinkat", nm, e2.errno)
+            else:
+                stats.fail("openat2", nm, err.errno)
+            return None
+
+
+def _empty(top: int, stats: RemoveStats, budget: Optional[Budget], sizes: bool, fix: bool = False) -> None:
+    """Remove everything below the open directory top (left open): one
+    removing TreeWalk, to the end or until the Budget stops it."""
+    flags = WALK_REMOVE | (WALK_SIZES if sizes else 0) | (WALK_RECLAIM if fix else 0)
+    TreeWalk(top, flags, owns_top=False, stats=stats, budget=budget).step()
+
+
+def remove_as_owner(parent_fd: int, name: str) -> RemoveStats:
     """Remove parent/name, a kept job directory, with no more power over
     each user directory in it than its owner has.
 
@@ -615,7 +763,7 @@ def remove_as_owner(parent_fd, name):
     return stats
 
 
-def _empty_child(top, sub, stats, fix=False):
+def _empty_child(top: int, sub: str, stats: RemoveStats, fix: bool = False) -> None:
     try:
         fd = _open_own_child_dir(top, sub, fix)
     except OSError as e:
@@ -633,7 +781,7 @@ AS_OWNER_SECONDS = PASSES_SECONDS     # a remover with a user's rights has this 
 PR_SET_DUMPABLE = 4
 
 
-def _empty_as(top, sub, uid, gid, stats):
+def _empty_as(top: int, sub: str, uid: int, gid: int, stats: RemoveStats) -> None:
     """_empty_child in a forked child that has only uid's and gid's rights.
 
     The child runs as the user, so the user can signal it (SIGSTOP) or keep
@@ -645,7 +793,7 @@ def _empty_as(top, sub, uid, gid, stats):
     change, which clears the parent-death signal)."""
     import json
 
-    def remove(w):
+    def remove(w: int) -> None:
         null = os.open("/dev/null", os.O_RDWR)
         for std in (0, 1, 2):
             os.dup2(null, std)      # not the daemon's log stream
@@ -677,105 +825,26 @@ def _empty_as(top, sub, uid, gid, stats):
     stats.errors += got["errors"][:MAX_ERRORS_KEPT - len(stats.errors)]
 
 
-class UsageWalk:
-    """Bytes and entries of dirfd/name, walked like removal (never a
-    symlink, never another mount, at most MAX_DEPTH directories open), in
-    steps: step() walks until a deadline or until interrupt() says the
-    caller has something more urgent, and goes on where it stopped at the
-    next call.  So the daemon can measure a user's tree of any size without
-    making a Prolog wait (no work that grows with user data in one turn).
+class UsageWalk(TreeWalk):
+    """Bytes and entries of dirfd/name, measured by a TreeWalk in steps
+    (see there), so the daemon can measure a user's tree of any size
+    without making a Prolog wait (no work that grows with user data in one
+    turn).  complete is False when max_entries, MAX_DEPTH or a mount point
+    cut the walk short (callers that enforce a budget must then treat the
+    tree as too big)."""
 
-    Each inode is counted once: a file hard-linked 100 times into the tree
-    is one file's size, not a hundred (a user must not be able to inflate
-    their kept directory, and with it the eviction of others').
-
-    complete is False when max_entries or MAX_DEPTH cut the walk short
-    (callers that enforce a budget must then treat the tree as too big)."""
-
-    CHECK_EVERY = 256           # entries between two looks at the clock
-
-    def __init__(self, dirfd, name, max_entries=10_000_000, mounts_at_top=()):
-        # mounts_at_top: names in the top directory that are mount points
-        # of our own (limit='s image at fs/, counted through its image file):
-        # skipped, not a reason to call the walk incomplete.
-        self.mounts_at_top = frozenset(mounts_at_top)
-        self.bytes = self.entries = 0
-        self.complete, self.done = True, False
-        self.why = ""           # when not complete: what cut the walk short
-        self.max_entries = max_entries
-        self._linked = set()    # (dev, ino) of files with more than one link, counted once
+    def __init__(self, dirfd: int, name: str, max_entries: int = 10_000_000,
+                 mounts_at_top: Iterable[str] = ()) -> None:
         top = _open_child_dir(dirfd, name)
         try:
-            self._stack = [(top, os.scandir(top))]
+            super().__init__(top, 0, owns_top=True, max_entries=max_entries, mounts_at_top=mounts_at_top)
         except BaseException:
             os.close(top)
             raise
 
-    def step(self, deadline=None, interrupt=None, progress=None):
-        """Walk on; True once the walk is over (then the fds are closed)."""
-        n = 0
-        try:
-            while self._stack:
-                fd, it = self._stack[-1]
-                child = None
-                for e in it:
-                    self.entries += 1
-                    n += 1
-                    if self.entries > self.max_entries:
-                        self.complete, self.why = False, f"more than {self.max_entries} entries"
-                        self.close()
-                        return True
-                    if n % self.CHECK_EVERY == 0:
-                        if progress:
-                            progress(self.entries, self.bytes)
-                        if (deadline is not None and time.monotonic() > deadline) or (interrupt and interrupt()):
-                            return False        # the iterator keeps its place
-                    try:
-                        st = lstat_at(fd, e.name)
-                    except OSError:
-                        continue
-                    if st.mount_root:
-                        # Another filesystem: not measured, never entered.
-                        if not (len(self._stack) == 1 and e.name in self.mounts_at_top):
-                            self.complete, self.why = False, f"a mount point inside ({e.name!r})"
-                        continue
-                    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                        if (st.st_dev, st.st_ino) in self._linked:
-                            continue
-                        self._linked.add((st.st_dev, st.st_ino))
-                    self.bytes += st.st_blocks * 512
-                    if not stat.S_ISDIR(st.st_mode):
-                        continue
-                    if len(self._stack) >= MAX_DEPTH:
-                        self.complete, self.why = False, f"deeper than {MAX_DEPTH} levels"
-                        continue
-                    try:
-                        cfd = _open_child_dir(fd, e.name)
-                    except OSError:
-                        continue
-                    child = (cfd, os.scandir(cfd))
-                    break
-                if child:
-                    self._stack.append(child)
-                    continue
-                fd, it = self._stack.pop()
-                it.close()
-                os.close(fd)
-        except BaseException:
-            self.close()
-            raise
-        self.done = True
-        return True
 
-    def close(self):
-        for fd, it in self._stack:
-            it.close()
-            os.close(fd)
-        self._stack = []
-        self.done = True
-
-
-def tree_usage(dirfd, name, max_entries=10_000_000, progress=None):
+def tree_usage(dirfd: int, name: str, max_entries: int = 10_000_000,
+               progress: Optional[Callable[[int, int], None]] = None) -> Tuple[int, int, bool]:
     """(bytes, entries, complete) of dirfd/name in one go (see UsageWalk)."""
     walk = UsageWalk(dirfd, name, max_entries)
     walk.step(progress=progress)

@@ -23,31 +23,18 @@
  *   required /usr/local/lib/privtmpd/privtmpd_spank.so rundir=/run/privtmpd tmpdir=/tmp
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
-#include <sched.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <string.h>
-#include <stdlib.h>
-#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/un.h>
-#include <unistd.h>
-#include <linux/nsfs.h>
 #include <slurm/spank.h>
 
-#include "trusted_dir.h"
+#include "privtmpd_entry.h"
 
 SPANK_PLUGIN(privtmpd, 1);
 
-#define HINT_NOPIN "no private namespace for this job: is privtmpd running " \
-	"and did the Prolog succeed?"
-#define HINT_STALE "stale pin: a plain file with no namespace mounted on " \
-	"it; privtmpd must recreate or remove it"
+/* The prefix of every line this plugin logs. */
+#define LOG "privtmpd: "
 
 /*
  * create=yes (no Prolog): ask privtmpd to build the job's namespace.  The
@@ -119,156 +106,141 @@ static int shm_is_own_tmpfs(void)
 	return ok;
 }
 
+/* create=yes: a missing pin is asked for, then opened again. */
+static int open_or_create_pin(spank_t sp, struct pin *p,
+			      const struct entry_args *a, uint32_t jobid)
+{
+	if (open_pin(p) >= 0 || errno != ENOENT || !a->create)
+		return p->fd;
+	p->what = "create=yes: privtmpd did not create the namespace "
+		"(see its log)";
+	p->hint = "";
+	if (ask_create(sp, a->rundir, jobid) < 0)
+		return -1;
+	return open_pin(p);
+}
+
+/* Overwrite: a TMPDIR inherited from the submit side wins over Slurm's own
+ * default and would point outside the private /tmp. */
+static int set_tmpdir(spank_t sp, const char *tmpdir, struct pin *p)
+{
+	p->what = "cannot set TMPDIR";
+	errno = EINVAL;
+	return tmpdir && spank_setenv(sp, "TMPDIR", tmpdir, 1) !=
+		ESPANK_SUCCESS ? -1 : 0;
+}
+
+/* host_tmp=BASE (privtmpd's sbcast=yes): where the job's /tmp is on the
+ * host, the same path on every node, for sbcast, which writes as the user
+ * from slurmd's (the host's) namespace. */
+static int set_host_tmp(spank_t sp, const char *base, uint32_t jobid,
+			struct pin *p)
+{
+	char path[PATH_MAX];
+	uint32_t restart = 0;
+
+	if (!base)
+		return 0;
+	p->what = "cannot set PRIVTMPD_HOST_TMP";
+	errno = EINVAL;
+	return spank_get_item(sp, S_SLURM_RESTART_COUNT, &restart) !=
+		ESPANK_SUCCESS ||
+		snprintf(path, sizeof(path), "%s.%u.%u/tmp", base, jobid,
+			 restart) >= (int)sizeof(path) ||
+		spank_setenv(sp, "PRIVTMPD_HOST_TMP", path, 1) !=
+		ESPANK_SUCCESS ? -1 : 0;
+}
+
+struct shm_plan {
+	unsigned long percent;  /* shm=N%; 0: leave /dev/shm alone */
+	uint64_t mem;           /* the job's memory on this node, MB */
+	struct stat host;       /* the host's /dev/shm, to tell it apart */
+};
+
+/* shm=N%, before setns(): the job's memory on this node (0 when Slurm does
+ * not track memory, and /dev/shm keeps the daemon's size) and the identity
+ * of the host's /dev/shm. */
+static int plan_shm(spank_t sp, struct shm_plan *s, struct pin *p)
+{
+	if (!s->percent)
+		return 0;
+	p->what = "cannot get the job's memory (S_JOB_ALLOC_MEM)";
+	errno = EINVAL;
+	if (spank_get_item(sp, S_JOB_ALLOC_MEM, &s->mem) != ESPANK_SUCCESS)
+		return -1;
+	p->what = "cannot stat the host's /dev/shm";
+	return stat("/dev/shm", &s->host);
+}
+
+/* After setns(): size the job's own /dev/shm to its share of the memory. */
+static int resize_job_shm(const struct shm_plan *s, struct pin *p)
+{
+	struct stat job;
+	char opt[32];
+	uint64_t mb = s->mem * s->percent / 100;
+
+	if (!s->percent || !s->mem)
+		return 0;
+	p->what = "cannot stat /dev/shm in the job";
+	if (stat("/dev/shm", &job) < 0)
+		return -1;
+	/* Remounting the host's tmpfs would resize it for the node. */
+	p->what = "/dev/shm in the job is the host's (set shm=job:N% in "
+		"privtmpd.conf)";
+	errno = EEXIST;
+	if (job.st_dev == s->host.st_dev)
+		return -1;
+	p->what = "/dev/shm in the job is not a tmpfs of its own (use "
+		"shm=job:N% in privtmpd.conf, not mount=/dev/shm)";
+	errno = EINVAL;
+	if (!shm_is_own_tmpfs())
+		return -1;
+	p->what = "cannot resize the job's /dev/shm";
+	/* size=0 would mean unlimited: at least 1 MB. */
+	snprintf(opt, sizeof(opt), "size=%llum",
+		 (unsigned long long)(mb ? mb : 1));
+	return mount(NULL, "/dev/shm", NULL, MS_REMOUNT | MS_NOSUID | MS_NODEV,
+		     opt);
+}
+
+/* Open and check everything first; setns() is the last step but for the
+ * job's own /dev/shm.  slurmstepd chdir()s to the job's working directory
+ * after this callback. */
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
-	const char *rundir = "/run/privtmpd", *tmpdir = "/tmp", *host_tmp = NULL;
-	const char *what = "cannot open /", *hint = "";
-	char nsdir[PATH_MAX], walk[PATH_MAX], idstr[16], opt[32], *end;
-	uint32_t jobid = 0, restart = 0;
-	uint64_t mem = 0;
-	unsigned long shm = 0;
-	struct stat host_shm, job_shm;
-	int i, dirfd = -1, nsfd = -1, type, create = 0;
+	struct entry_args args;
+	struct shm_plan shm = { 0 };
+	struct pin pin;
+	const char *bad;
+	uint32_t jobid = 0;
+	int ok;
 
 	if (!spank_remote(sp))
 		return 0;
 	if (spank_get_item(sp, S_JOB_ID, &jobid) != ESPANK_SUCCESS) {
-		slurm_error("privtmpd: cannot get the job id");
+		slurm_error(LOG "cannot get the job id");
 		return -1;
 	}
-	for (i = 0; i < ac; i++) {
-		if (!strncmp(av[i], "rundir=", 7) && av[i][7] == '/')
-			rundir = av[i] + 7;
-		else if (!strncmp(av[i], "tmpdir=", 7) && av[i][7] == '/')
-			tmpdir = av[i] + 7;
-		else if (!strcmp(av[i], "tmpdir=none"))
-			tmpdir = NULL;
-		else if (!strcmp(av[i], "create=yes"))
-			create = 1;
-		else if (!strncmp(av[i], "host_tmp=", 9) && av[i][9] == '/')
-			host_tmp = av[i] + 9;
-		else if (!strncmp(av[i], "shm=", 4) &&
-			 av[i][4] >= '1' && av[i][4] <= '9' &&
-			 (shm = strtoul(av[i] + 4, &end, 10)) >= 1 &&
-			 shm <= 100 && !strcmp(end, "%"))
-			;
-		else {
-			slurm_error("privtmpd: job %u: invalid plugin argument "
-				    "'%s' (expected rundir=/absolute/dir, "
-				    "tmpdir=/absolute/dir, tmpdir=none, shm=1%%.."
-				    "100%%, host_tmp=/base or create=yes; fix "
-				    "plugstack.conf)",
-				    jobid, av[i]);
-			return -1;
-		}
-	}
-	snprintf(idstr, sizeof(idstr), "%u", jobid);
-	if (snprintf(nsdir, sizeof(nsdir), "%s/ns", rundir) >= PATH_MAX) {
-		slurm_error("privtmpd: job %u: rundir too long", jobid);
+	bad = parse_entry_args(&args, ac, (const char **)av, 1);
+	if (bad) {
+		slurm_error(LOG "job %u: invalid plugin argument '%s' (expected "
+			    "rundir=/absolute/dir, tmpdir=/absolute/dir, "
+			    "tmpdir=none, shm=1%%..100%%, host_tmp=/base or "
+			    "create=yes; fix plugstack.conf)", jobid, bad);
 		return -1;
 	}
-	strcpy(walk, nsdir);
-
-	/* Open and check everything first; setns() is the very last step. */
-	dirfd = open_trusted_dir(walk, &what);
-	if (dirfd < 0) {
-		hint = errno == ENOENT ? HINT_NOPIN : "";
-		goto fail;
-	}
-	/* O_NONBLOCK: never hang on a FIFO left at the pin path. */
-	nsfd = openat(dirfd, idstr,
-		      O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-	if (nsfd < 0 && errno == ENOENT && create) {
-		what = "create=yes: privtmpd did not create the namespace "
-			"(see its log)";
-		if (ask_create(sp, rundir, jobid) < 0)
-			goto fail;
-		nsfd = openat(dirfd, idstr,
-			      O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-	}
-	if (nsfd < 0) {
-		what = "cannot open the pin";
-		hint = errno == ENOENT ? HINT_NOPIN : "";
-		goto fail;
-	}
-	/* An unmounted pin is a plain file: nsfs ioctls on it fail with
-	 * ENOTTY, where setns() would only say EINVAL. */
-	type = ioctl(nsfd, NS_GET_NSTYPE);
-	if (type != CLONE_NEWNS) {
-		what = type < 0 ? "the pin is not a namespace" :
-			"the pin is not a mount namespace";
-		hint = type < 0 ? HINT_STALE : "";
-		errno = type < 0 ? errno : EINVAL;
-		goto fail;
-	}
-	/* Overwrite: a TMPDIR inherited from the submit side wins over
-	 * Slurm's own default and would point outside the private /tmp. */
-	what = "cannot set TMPDIR";
-	if (tmpdir && spank_setenv(sp, "TMPDIR", tmpdir, 1) != ESPANK_SUCCESS) {
-		errno = EINVAL;
-		goto fail;
-	}
-	/* host_tmp=BASE (privtmpd's sbcast=yes): where the job's /tmp is on
-	 * the host, the same path on every node, for sbcast, which writes as
-	 * the user from slurmd's (the host's) namespace. */
-	what = "cannot set PRIVTMPD_HOST_TMP";
-	errno = EINVAL;
-	if (host_tmp && (spank_get_item(sp, S_SLURM_RESTART_COUNT, &restart)
-			 != ESPANK_SUCCESS ||
-			 snprintf(walk, sizeof(walk), "%s.%u.%u/tmp", host_tmp,
-				  jobid, restart) >= (int)sizeof(walk) ||
-			 spank_setenv(sp, "PRIVTMPD_HOST_TMP", walk, 1)
-			 != ESPANK_SUCCESS))
-		goto fail;
-	/* shm=N%: the job's memory on this node (MB; 0 when Slurm does not
-	 * track memory, and /dev/shm keeps the daemon's size). */
-	if (shm) {
-		what = "cannot get the job's memory (S_JOB_ALLOC_MEM)";
-		errno = EINVAL;
-		if (spank_get_item(sp, S_JOB_ALLOC_MEM, &mem) != ESPANK_SUCCESS)
-			goto fail;
-		what = "cannot stat the host's /dev/shm";
-		if (stat("/dev/shm", &host_shm) < 0)
-			goto fail;
-	}
-	/* setns() also resets cwd and root to the namespace's; slurmstepd
-	 * chdir()s to the job's working directory after this callback. */
-	what = "setns into the job namespace failed";
-	if (setns(nsfd, CLONE_NEWNS) < 0)
-		goto fail;
-	if (shm && mem) {
-		what = "cannot stat /dev/shm in the job";
-		if (stat("/dev/shm", &job_shm) < 0)
-			goto fail;
-		/* Remounting the host's tmpfs would resize it for the node. */
-		what = "/dev/shm in the job is the host's (set shm=job:N% in "
-			"privtmpd.conf)";
-		errno = EEXIST;
-		if (job_shm.st_dev == host_shm.st_dev)
-			goto fail;
-		what = "/dev/shm in the job is not a tmpfs of its own (use "
-			"shm=job:N% in privtmpd.conf, not mount=/dev/shm)";
-		if (!shm_is_own_tmpfs()) {
-			errno = EINVAL;
-			goto fail;
-		}
-		what = "cannot resize the job's /dev/shm";
-		/* size=0 would mean unlimited: at least 1 MB. */
-		snprintf(opt, sizeof(opt), "size=%llum",
-			 (unsigned long long)(mem * shm / 100 ? mem * shm / 100 : 1));
-		if (mount(NULL, "/dev/shm", NULL,
-			  MS_REMOUNT | MS_NOSUID | MS_NODEV, opt) < 0)
-			goto fail;
-	}
-	close(nsfd);
-	close(dirfd);
-	return 0;
-
-fail:
-	slurm_error("privtmpd: job %u: %s: %s/%s: %s%s%s%s", jobid, what, nsdir,
-		    idstr, strerror(errno), *hint ? " (" : "", hint,
-		    *hint ? ")" : "");
-	close_keep_errno(nsfd);
-	close_keep_errno(dirfd);
-	return -1;
+	shm.percent = args.shm;
+	ok = pin_init(&pin, args.rundir, jobid) == 0 &&
+		open_pin_dir(&pin) >= 0 &&
+		open_or_create_pin(sp, &pin, &args, jobid) >= 0 &&
+		check_pin(&pin) == 0 &&
+		set_tmpdir(sp, args.tmpdir, &pin) == 0 &&
+		set_host_tmp(sp, args.host_tmp, jobid, &pin) == 0 &&
+		plan_shm(sp, &shm, &pin) == 0 &&
+		enter_pin(&pin) == 0 &&
+		resize_job_shm(&shm, &pin) == 0;
+	if (!ok)
+		slurm_error(LOG PIN_FMT, PIN_ARGS(&pin));
+	close_pin(&pin);
+	return ok ? 0 : -1;
 }

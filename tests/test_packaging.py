@@ -171,7 +171,7 @@ def test_wheel_contents(wheel):
     for path in ("share/man/man8/privtmpd.8", "share/man/man8/privtmpctl.8", "share/man/man5/privtmpd.conf.5",
                  "share/privtmpd/systemd/privtmpd.service", "share/privtmpd/privtmpd.conf.example",
                  "share/privtmpd/admin-guide.md", "share/privtmpd/spank/privtmpd_spank.c",
-                 "share/privtmpd/spank/trusted_dir.h",
+                 "share/privtmpd/spank/trusted_dir.h", "share/privtmpd/spank/privtmpd_entry.h",
                  "share/privtmpd/spank/Makefile"):
         assert data + path in infos, path
     for mod in ("client", "config", "ctl", "daemon", "doctor", "kernel", "logfmt", "metrics", "names", "namespace",
@@ -230,7 +230,7 @@ def test_sdist_contents(work):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for path in ("setup.py", "setup.cfg", "README.md", "man/privtmpd.8", "man/privtmpctl.8", "man/privtmpd.conf.5",
                  "packaging/privtmpd.spec", "systemd/privtmpd.service", "spank/privtmpd_spank.c", "spank/Makefile",
-                 "spank/trusted_dir.h",
+                 "spank/trusted_dir.h", "spank/privtmpd_entry.h", "pam/pam_privtmpd.c",
                  "docs/admin-guide.md", "docs/privtmpd.conf.example", "scripts/prolog.py", "scripts/epilog.py",
                  "privtmpd/ctl.py", "tools/bootstrap.sh", "tests/test_ctl.py", "tools/build-deb.sh",
                  "tools/bookworm-root.sh", "packaging/debian/control.in", "packaging/debian/postinst"):
@@ -267,7 +267,8 @@ def test_rpmbuild(work):
     for path in ("/usr/sbin/privtmpd", "/usr/sbin/privtmpctl", "/usr/lib/systemd/system/privtmpd.service",
                  "/etc/privtmpd/privtmpd.conf", "/usr/lib64/privtmpd/privtmpd_spank.so",
                  "/usr/libexec/privtmpd/prolog", "/usr/libexec/privtmpd/epilog",
-                 "/usr/share/privtmpd/spank/privtmpd_spank.c", "/usr/share/privtmpd/spank/trusted_dir.h"):
+                 "/usr/share/privtmpd/spank/privtmpd_spank.c", "/usr/share/privtmpd/spank/trusted_dir.h",
+                 "/usr/share/privtmpd/spank/privtmpd_entry.h"):
         assert path in files, path
     for page, section in MAN.items():
         assert any(f.startswith(f"/usr/share/man/man{section}/{page}") for f in files), page

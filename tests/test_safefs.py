@@ -747,6 +747,31 @@ def test_concurrent_removals_of_one_tree(work):
         assert set(errors) <= {"rmdir('job.3.0'): Directory not empty"}, errors
 
 
+# --- measuring ------------------------------------------------------------------
+
+def test_usage_walk_in_steps_measures_what_one_walk_measures(work):
+    """The daemon measures a kept tree a step per turn; a step ends at
+    every look at the clock here (deadline in the past), and whatever the
+    pauses, each entry is measured, and each directory entered, once."""
+    top = work.path("job.7.0")
+    for d in range(4):
+        os.makedirs(f"{top}/d{d}/sub")
+        for i in range(safefs.TreeWalk.CHECK_EVERY // 2 + 7):
+            with open(f"{top}/d{d}/f{i}", "wb") as f:
+                f.write(b"x" * 4096)
+            os.mkdir(f"{top}/d{d}/sub/e{i}")
+            with open(f"{top}/d{d}/sub/e{i}/g", "wb") as f:
+                f.write(b"y" * 8192)
+    whole = safefs.tree_usage(work.fd, "job.7.0")
+    walk = safefs.UsageWalk(work.fd, "job.7.0")
+    steps = 1
+    while not walk.step(deadline=0.0):
+        steps += 1
+    assert steps == whole[1] // safefs.TreeWalk.CHECK_EVERY + 1 and walk.done
+    assert (walk.bytes, walk.entries, walk.complete) == whole
+    assert whole[1] == 4 * (2 + 3 * (safefs.TreeWalk.CHECK_EVERY // 2 + 7)) and whole[2]
+
+
 def test_open_dir_refuses_symlinked_component(work):
     os.mkdir(work.path("real"))
     os.symlink(work.path("real"), work.path("link"))

@@ -89,7 +89,7 @@ install -m 644 "$SRC/systemd/privtmpd.service" "$PKG/lib/systemd/system/"
 grep -q '^ExecStart=/usr/sbin/privtmpd ' "$PKG/lib/systemd/system/privtmpd.service" ||
     { echo "build-deb: systemd/privtmpd.service does not start /usr/sbin/privtmpd" >&2; exit 1; }
 install -m 644 "$SRC/docs/privtmpd.conf.example" "$PKG/etc/privtmpd/privtmpd.conf"
-install -m 644 "$SRC/spank/privtmpd_spank.c" "$SRC/spank/trusted_dir.h" "$SRC/spank/Makefile" "$PKG/usr/share/privtmpd/spank/"
+install -m 644 "$SRC/spank/privtmpd_spank.c" "$SRC/spank/privtmpd_entry.h" "$SRC/spank/trusted_dir.h" "$SRC/spank/Makefile" "$PKG/usr/share/privtmpd/spank/"
 install -m 644 "$SRC/docs/privtmpd.conf.example" "$PKG/usr/share/privtmpd/"
 install -m 644 "$SRC/packaging/debian/copyright" "$PKG/usr/share/doc/privtmpd/"
 install -m 644 "$SRC/README.md" "$SRC/docs/admin-guide.md" "$PKG/usr/share/doc/privtmpd/"
