@@ -17,6 +17,7 @@ import os
 import posixpath
 import stat
 from dataclasses import dataclass, field
+from typing import Dict
 
 from . import names
 
@@ -349,7 +350,8 @@ def _parse_tmpfs_size(value, m, where):
 
 
 def _parse_per_mount(entries, mounts, where_of):
-    options, sizes = {}, {}
+    options: Dict[str, tuple] = {}
+    sizes: Dict[str, str] = {}
     for key, value, where in entries:
         m, rest = _split_mount_value(key, value, mounts, where)
         seen = options if key == "mount_options" else sizes

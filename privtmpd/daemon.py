@@ -26,6 +26,7 @@ import stat
 import struct
 import sys
 import time
+from typing import Any, Dict
 
 from . import __version__, config, jobs, kept, mountopts, namespace, protocol, removal, runstate
 from .logfmt import describe, event, setup_logging
@@ -69,15 +70,19 @@ class _Conn:
 class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.sel = None            # made in serve_forever: detaching closes every fd made before
-        self.listener = None       # bound in startup()
+        # Made in serve_forever(): detaching (python-daemon) closes every
+        # fd opened before it.
+        self.sel: selectors.BaseSelector
+        # Bound in startup(), after everything that can fail for a reason
+        # of configuration or system.
+        self.listener: socket.socket
         self.conns = {}
         self.stopping = False
         self.accepting = False     # the listener is in the selector
         self.started = time.time()
         self.metrics = Metrics(cfg, log)
         self.proc = None           # psutil handle, made after detaching (the pid changes)
-        self._sig_r = None
+        self._sig_r = -1           # the signal pipe, made in serve_forever()
         self.removals = removal.RemovalQueue(cfg, self.metrics, self._request_waiting, self._close_in_worker)
         self.kept = kept.KeptDirs(cfg, self.removals, self._request_waiting)
         self.jobs = jobs.Jobs(cfg, self.removals, self.kept, self.metrics)
@@ -131,12 +136,13 @@ class Daemon:
         return s
 
     def _request_waiting(self):
-        return bool(self.sel and self.sel.select(0))
+        # Nothing can wait before the loop runs (start-up's reconcile).
+        sel = getattr(self, "sel", None)
+        return bool(sel and sel.select(0))
 
     def _close_in_worker(self):
         """In a forked removal worker: the daemon's sockets are not its own."""
-        if self.listener is not None:
-            self.listener.close()
+        self.listener.close()
         for c in self.conns.values():
             c.sock.close()
 
@@ -284,7 +290,8 @@ class Daemon:
 
     def _process(self, sock, data):
         t0 = time.monotonic()
-        op, job, error, dry, user, fields = "?", None, None, False, None, {}
+        op, job, error, dry, user = "?", None, None, False, None
+        fields: Dict[str, Any] = {}
         try:
             op, fields = protocol.parse_request(data)
             job, dry = fields.get("job"), fields.get("dry_run", False)

@@ -13,6 +13,7 @@ import re
 import stat
 import subprocess
 from dataclasses import dataclass
+from typing import Dict
 
 from . import client, config, kernel, proc
 from .client import ClientError, request
@@ -591,7 +592,7 @@ class Doctor:
             states = runstate.all_states(cfg)
         except OSError:
             return
-        started = {}            # uid -> (earliest creation, job)
+        started: Dict[int, tuple] = {}      # uid -> (earliest creation, job)
         for job, st in states.items():
             if st and type(st.get("uid")) is int and st["uid"] != 0 and isinstance(st.get("created"), (int, float)):
                 if st["uid"] not in started or st["created"] < started[st["uid"]][0]:

@@ -45,7 +45,7 @@ def is_duplicate_create(state: Optional[dict], ident, restart: int, uid: int, gi
     """Same job, run, owner and pinned namespace: a duplicate Prolog.  A
     namespace left by an earlier job with this id (missed Epilog, then job
     ids wrapped) must never go to another user."""
-    return bool(is_live(state, ident) and state.get("restart") == restart
+    return bool(state and is_live(state, ident) and state.get("restart") == restart
                 and state.get("uid") == uid and state.get("gid") == gid)
 
 
@@ -67,12 +67,12 @@ def sweep_reason(entry: jobdirs.Entry, live: Dict[int, Optional[dict]], busy: se
     a temporary name of an interrupted start.  live maps job -> state (None:
     in use, keep every run).  busy: names already being removed."""
     if entry.kind == "job":
-        st = live.get(entry.job, False)
-        if st is None or (st and st.get("restart") == entry.restart):
+        if entry.job not in live:
+            return f"no live namespace for job {entry.job}"
+        st = live[entry.job]
+        if st is None or st.get("restart") == entry.restart:
             return None
-        if st:
-            return f"job {entry.job} is running as restart {st.get('restart')}, this is run {entry.restart}"
-        return f"no live namespace for job {entry.job}"
+        return f"job {entry.job} is running as restart {st.get('restart')}, this is run {entry.restart}"
     if entry.name in busy:
         return None
     if entry.kind in ("trash", "kept-trash"):
@@ -364,6 +364,7 @@ class Jobs:
         return found
 
     def _trash_job_dir(self, pfd, e: jobdirs.Entry) -> bool:
+        assert e.kind == "job" and e.job is not None and e.restart is not None
         tname = jobdirs.trash_if_ours(pfd, self.cfg, e.name, e.job, e.restart)
         if tname:
             self.removals.queue(self.cfg.base_parent, tname)
@@ -382,7 +383,9 @@ class Jobs:
         by the rules of start-up.  The reply says what and why; with dry_run
         nothing changes."""
         cfg, job, dry_run = self.cfg, f.get("job"), f.get("dry_run", False)
-        jobs, skipped, user = [], [], None
+        jobs: List[dict] = []
+        skipped: List[dict] = []
+        user = None
         live: Dict[int, Optional[dict]] = {}
         if job is not None:
             st = runstate.read_state(cfg, job)

@@ -13,6 +13,7 @@ lifecycle around this is in jobs.py.
 import errno
 import os
 import threading
+from typing import List
 
 from . import kernel, mountopts, runstate, safefs
 from .kernel import KernelError
@@ -136,7 +137,7 @@ class _NamespaceThread(threading.Thread):
         self.error = None
 
     def run(self):
-        opened = []
+        opened: List[int] = []
         try:
             if self.cpu is not None:
                 os.sched_setaffinity(0, {self.cpu})     # this thread only

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import stat
+from typing import List, Union
 
 from . import kernel, names, proc
 from .kernel import KernelError
@@ -157,8 +158,10 @@ def pin_identity(cfg, job):
         os.close(fd)
 
 
-def list_pins(cfg):
-    out = []
+def list_pins(cfg) -> List[Union[int, str]]:
+    """Pin names in the pin directory: job ids, and any other name as is
+    (found by reconcile and cleanup, which remove it)."""
+    out: List[Union[int, str]] = []
     for name in os.listdir(f"{cfg.rundir}/ns"):
         try:
             out.append(names.parse_job_id(name))

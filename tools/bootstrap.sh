@@ -37,7 +37,7 @@ if [ -n "$missing" ]; then
 fi
 
 PY=${PYTHON:-python3}
-if [ ! -x "$REPO/.venv/bin/python" ] || ! "$REPO/.venv/bin/python" -c 'import daemon, psutil, pytest, hypothesis, wheel, prometheus_client' 2>/dev/null; then
+if [ ! -x "$REPO/.venv/bin/python" ] || ! "$REPO/.venv/bin/python" -c 'import daemon, psutil, pytest, hypothesis, wheel, prometheus_client, mypy, ruff' 2>/dev/null; then
     echo "bootstrap: creating $REPO/.venv"
     "$PY" -m venv "$REPO/.venv"
     log=$(mktemp)
