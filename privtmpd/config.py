@@ -103,18 +103,31 @@ def _abs_path(value, key, where):
     return value
 
 
-def _parse_size(value, where):
+def _size(value, max_digits=15):
+    """("size", bytes, text) for a size such as 512m (k/m/g/t, powers of
+    1024), ("percent", N, text) for N% with 1 <= N <= 100, or None.  The
+    one size syntax of the file; each key says what it accepts.  Lengths
+    are bounded before int(): besides being absurd as sizes, strings of more
+    than 4300 digits make int() raise a plain ValueError."""
     v = value.strip().lower()
-    # Length limits before int(): besides being absurd as sizes, strings of
-    # more than 4300 digits make int() raise a plain ValueError.
     if v.endswith("%"):
         num = v[:-1]
-        if num.isdigit() and num.isascii() and len(num) <= 3 and 0 < int(num) <= 100:
-            return value
-        raise ConfigError(f"{where}: shm={value!r}: a percentage must be 1%..100%")
+        if num.isascii() and num.isdigit() and len(num) <= 3 and 1 <= int(num) <= 100:
+            return "percent", int(num), f"{int(num)}%"
+        return None
     unit = v[-1:] if v[-1:] in "kmgt" else ""
     num = v[:-1] if unit else v
-    if not (num.isascii() and num.isdigit()) or len(num) > 20 or int(num) == 0:
+    if not (num.isascii() and num.isdigit()) or len(num) > max_digits or int(num) == 0:
+        return None
+    return "size", int(num) * _SIZE_SUFFIX[unit], f"{int(num)}{unit}"
+
+
+def _parse_size(value, where):
+    """shm=: a size or a percentage, kept as written (the kernel's size=)."""
+    parsed = _size(value, max_digits=20)
+    if parsed is None and value.strip().endswith("%"):
+        raise ConfigError(f"{where}: shm={value!r}: a percentage must be 1%..100%")
+    if parsed is None:
         raise ConfigError(f"{where}: shm={value!r} is not a size (examples: 512m, 2g, 10%, job, job:50%; or shm=no)")
     return value
 
@@ -135,12 +148,10 @@ def _parse_duration(value, key, where):
 
 
 def _size_bytes(value, key, where):
-    v = value.strip().lower()
-    unit = v[-1:] if v[-1:] in "kmgt" else ""
-    num = v[:-1] if unit else v
-    if not (num.isascii() and num.isdigit()) or len(num) > 15 or int(num) == 0:
+    parsed = _size(value)
+    if parsed is None or parsed[0] != "size":
         raise ConfigError(f"{where}: {key}={value!r} is not a size (examples: 500m, 20g, 1t)")
-    return int(num) * _SIZE_SUFFIX[unit]
+    return parsed[1]
 
 
 def parse(text, source="<string>"):
@@ -333,20 +344,17 @@ def _parse_tmpfs_size(value, m, where):
     if v.startswith("job"):
         raise ConfigError(f"{where}: {shown}: sizing from the job's memory is only available for "
                           f"/dev/shm (shm=job:N%); give a size such as 4g or a share of RAM such as 10%")
-    if v.endswith("%"):
-        num = v[:-1]
-        if num.isascii() and num.isdigit() and len(num) <= 3 and 1 <= int(num) <= 100:
-            return f"{int(num)}%"
+    parsed = _size(value)
+    if parsed is None and v.endswith("%"):
         raise ConfigError(f"{where}: {shown}: a share of the node's RAM must be 1%..100%")
-    unit = v[-1:] if v[-1:] in "kmgt" else ""
-    num = v[:-1] if unit else v
-    if not (num.isascii() and num.isdigit()) or len(num) > 15 or int(num) == 0:
+    if parsed is None:
         raise ConfigError(f"{where}: {shown} is not a size (examples: tmpfs={m}:4g, tmpfs={m}:512m, "
                           f"tmpfs={m}:10%)")
-    if int(num) * _SIZE_SUFFIX[unit] < 1 << 20:
+    kind, amount, text = parsed
+    if kind == "size" and amount < 1 << 20:
         raise ConfigError(f"{where}: {shown}: at least 1m (the kernel rounds to pages; a smaller "
                           f"tmpfs holds next to nothing)")
-    return f"{int(num)}{unit}"
+    return text
 
 
 def _parse_per_mount(entries, mounts, where_of):

@@ -74,6 +74,17 @@ def kept_name(base_name: str, job: int, restart: int, until: int, exit_code: int
     return f"{base_name}.{job}.{restart}.kept.{until}.{exit_code}.{nonce}"
 
 
+TEMPORARY_KINDS = ("new", "aside")
+
+
+def temporary_name(name: str, kind: str, nonce: str) -> str:
+    """Where safefs builds a job directory (kind "new") before renaming it
+    into place, or moves an entry that blocks its name ("aside"): hidden,
+    next to it, recognised by NameMatcher.temporary after a crash."""
+    assert kind in TEMPORARY_KINDS
+    return f".{name}.{kind}.{nonce}"
+
+
 class NameMatcher:
     """Recognises our entries in the base's parent directory."""
 
@@ -85,9 +96,9 @@ class NameMatcher:
         # Kept names of earlier versions had no nonce.
         self._kept = re.compile(rf"{b}\.{num}\.{num}\.kept\.{num}\.{num}(?:\.[0-9a-f]+)?\Z", re.ASCII)
         self._trash = re.compile(rf"{b}\.{num}\.{num}\.deleting(?P<kept>-kept)?\.[0-9a-z]+\Z", re.ASCII)
-        # safefs builds a job directory under .<name>.new.<nonce> and may move
-        # a blocking entry to .<name>.aside.<nonce>: leftovers of a crash.
-        self._temp = re.compile(rf"\.{b}\.{num}\.{num}\.(new|aside)\.[0-9a-z]+\Z", re.ASCII)
+        # temporary_name(): leftovers of a crash during a job's start.
+        kinds = "|".join(TEMPORARY_KINDS)
+        self._temp = re.compile(rf"\.{b}\.{num}\.{num}\.({kinds})\.[0-9a-z]+\Z", re.ASCII)
 
     def job_dir(self, name: str) -> Optional[Tuple[int, int]]:
         """(job, restart) when name is a job directory name, else None."""

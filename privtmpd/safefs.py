@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple
 
-from . import forked, kernel
+from . import forked, kernel, names
 from .kernel import KernelError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -94,7 +94,7 @@ def create_job_dir(parent_fd: int, name: str, subdirs: Iterable[str], uid: int, 
     swapped out with RENAME_EXCHANGE.  Either way <name> ends up being our
     inode, and nothing anyone pre-created is ever used or followed."""
     for _ in range(16):
-        tmp = f".{name}.new.{_nonce()}"
+        tmp = names.temporary_name(name, "new", _nonce())
         try:
             os.mkdir(tmp, 0o700, dir_fd=parent_fd)
             break
@@ -193,7 +193,7 @@ def _place_plain(parent_fd: int, tmp: str, name: str, result: Placement) -> None
     # system call in which a user could still slip in an empty directory;
     # closing it needs the flag this filesystem lacks.
     for _ in range(16):
-        aside = f".{name}.aside.{_nonce()}"
+        aside = names.temporary_name(name, "aside", _nonce())
         try:
             os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         except FileNotFoundError:
