@@ -11,19 +11,26 @@ slurmd.  -I ignores PYTHON* variables and the user site; -S skips site
 import sys
 
 
-def _find_package():
-    # os is not imported: under -S nothing has loaded it yet, and it would
-    # cost every job 1 ms.  A symlinked hook (/usr/libexec/privtmpd/) is
-    # followed to the installed file; ".." is resolved by the kernel.
+def _chain(path):
+    """path, then each path its symlinks lead to (at most 40).  os is not
+    imported: under -S nothing has loaded it yet, and it would cost every
+    job 1 ms; ".." in a target is resolved by the kernel."""
     import posix
-    path = __file__
     for _ in range(40):
+        yield path
         try:
             target = posix.readlink(path)
         except OSError:
-            break
+            return
         head, sep, _ = path.rpartition("/")
         path = target if target.startswith("/") else head + sep + target
+
+
+def _find_package():
+    # A symlinked hook (/usr/libexec/privtmpd/) is followed to the
+    # installed file: the package is next to it.
+    import posix
+    *_, path = _chain(__file__)
     head, sep, _ = path.rpartition("/")
     here = (head or "/") if sep else "."
     for up in (here + "/..", here + "/../.."):
@@ -49,17 +56,10 @@ def _kind():
     if ctx.endswith(b"_slurmctld"):
         sys.exit(f"privtmpd: SLURM_SCRIPT_CONTEXT={ctx.decode(errors='replace')!r}: this is the slurmd "
                  f"Prolog/Epilog (Prolog= and Epilog= in slurm.conf), not a PrologSlurmctld or task hook")
-    path = __file__
-    for _ in range(40):
+    for path in _chain(__file__):
         name = path.rpartition("/")[2]
         if name.startswith(("prolog", "epilog")):
             return name[:6]
-        try:
-            target = posix.readlink(path)
-        except OSError:
-            break
-        head, sep, _ = path.rpartition("/")
-        path = target if target.startswith("/") else head + sep + target
     sys.exit(f"privtmpd: cannot tell Prolog from Epilog: no name in {__file__}'s symlink chain starts "
              f"with prolog or epilog, and SLURM_SCRIPT_CONTEXT is not set")
 
