@@ -309,3 +309,28 @@ def test_stopping_daemon_kills_a_running_script(daemon_factory, scripts):
     assert not os.path.exists(d.pin(70))
     assert d.request(op="list")["jobs"] == []
 
+
+
+@root
+def test_doctor_checks_the_scripts(daemon_factory, scripts, tmp_path):
+    import json
+
+    from cli import ctl
+    path = scripts("init.sh", "exit 0\n")
+    d = daemon_factory(f"ns_script={path} ns_script_timeout=30")
+    slurm_conf = tmp_path / "slurm.conf"
+    slurm_conf.write_text("PrologEpilogTimeout=20\n")
+
+    def by_name():
+        r = ctl(d.conf_path, "doctor", "--json", "--slurm-conf", str(slurm_conf))
+        return {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    by = by_name()
+    assert by["ns_script"]["status"] == "ok", by["ns_script"]
+    assert by["script time limit"]["status"] == "warn"
+    assert "PrologEpilogTimeout=20" in by["script time limit"]["detail"]
+    assert by["base directory"]["status"] == "ok"
+    os.chmod(path, 0o777)
+    by = by_name()
+    assert by["ns_script"]["status"] == "FAIL" and "writable by group or others" in by["ns_script"]["detail"]
+    assert "chmod go-w" in by["ns_script"]["detail"] and by["ns_script"]["fix"]
+    assert by["base directory"]["status"] == "ok"     # a script problem is reported once, as itself
