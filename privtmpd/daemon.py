@@ -161,7 +161,8 @@ class Daemon:
                            rss_bytes=rss, open_fds=fds,
                            config=_config_dict(self.cfg), jobs=len(runstate.list_pins(self.cfg)),
                            removals_queued=self.removals.count(removal.QUEUED) + self.removals.count(removal.DEFERRED),
-                           removals_running=self.removals.count(removal.RUNNING)), None
+                           removals_running=self.removals.count(removal.RUNNING),
+                           scripts_running=len(self.waiting)), None
 
     # --- the loop --------------------------------------------------------
 
