@@ -53,6 +53,12 @@ class Config:
     mount_options: tuple = ()   # ((mount point, ("noexec", ...)), ...): flags added to that bind
     tmpfs: tuple = ()           # ((mount point, size), ...): a private tmpfs instead of a directory under base
     sbcast: bool = False        # job directory's top 0711: its owner reaches $base.J.R/tmp from the host (sbcast)
+    # --- namespace scripts (nsscripts.py) ------------------------------------
+    ns_script: str = ""         # run as root inside each new job namespace before the Prolog's reply
+    ns_epilog: str = ""         # run as root inside the job namespace at teardown, before its processes are killed
+    ns_script_timeout: float = 30.0   # seconds each script may run; then its process group is killed
+    on_script_error: str = "fail"     # ns_script failed or timed out: "fail" the Prolog, or "log" and go on
+    # --- end of namespace scripts ----------------------------------------------
     source: str = "<defaults>"
     lines: dict = field(default_factory=dict, compare=False)  # key -> "file:line" for messages
 
@@ -281,15 +287,111 @@ def parse(text, source="<string>"):
             raise ConfigError(f"{at('sbcast')}: sbcast={values['sbcast']!r}: use sbcast=yes (let each job's "
                               f"user reach their private /tmp from the host, where sbcast writes) or sbcast=no")
         kw["sbcast"] = v == "yes"
+    _parse_ns_scripts(values, kw, at)
     cfg = Config(**kw)
     _check_consistency(cfg, at)
     _check_per_mount(cfg)
+    _check_ns_scripts(cfg, at)
     return cfg
+
+
+# --- namespace scripts (nsscripts.py) ----------------------------------------
+# One block for the four keys, their parsing and their checks.
+
+NS_SCRIPT_KEYS = {"ns_script", "ns_epilog", "ns_script_timeout", "on_script_error"}
+# The Prolog waits REPLY_TIMEOUT (300 s) for the daemon's reply, and that
+# reply may also wait behind other jobs' requests: a script's limit stays
+# well below it, so a hanging script fails as a script, not as a lost daemon.
+NS_SCRIPT_TIMEOUT_MAX = 240.0
+
+
+def _parse_ns_scripts(values, kw, at):
+    for key in ("ns_script", "ns_epilog"):
+        if key in values:
+            v = values[key]
+            kw[key] = "" if v.lower() in ("no", "none", "off") else _abs_path(v, key, at(key))
+    if "ns_script_timeout" in values:
+        v = values["ns_script_timeout"]
+        try:
+            num = float(v)
+        except ValueError:
+            raise ConfigError(f"{at('ns_script_timeout')}: ns_script_timeout={v!r} is not a number of seconds") from None
+        if not 1.0 <= num <= NS_SCRIPT_TIMEOUT_MAX:
+            raise ConfigError(f"{at('ns_script_timeout')}: ns_script_timeout={v} must be between 1 and "
+                              f"{NS_SCRIPT_TIMEOUT_MAX:.0f} seconds (the Prolog waits 300 s for its reply)")
+        kw["ns_script_timeout"] = num
+    if "on_script_error" in values:
+        v = values["on_script_error"]
+        if v not in ("fail", "log"):
+            raise ConfigError(f"{at('on_script_error')}: on_script_error={v!r}: use fail (a failing ns_script "
+                              f"fails the Prolog: Slurm drains the node and requeues the job) or log (the job "
+                              f"starts anyway)")
+        kw["on_script_error"] = v
+    if ("ns_script_timeout" in values or "on_script_error" in values) and not (kw.get("ns_script")
+                                                                                 or kw.get("ns_epilog")):
+        key = "ns_script_timeout" if "ns_script_timeout" in values else "on_script_error"
+        raise ConfigError(f"{at(key)}: {key}= has no effect without ns_script= or ns_epilog=")
+
+
+def _check_ns_scripts(cfg, at):
+    """A script runs inside the job's mount namespace, where the mount
+    points (and /dev/shm with shm=) are the job user's own directories and
+    the base's job directories are the users': a script path under any of
+    them would run a file the job user wrote, as root."""
+    hidden = list(cfg.mounts) + (["/dev/shm"] if cfg.shm else [])
+    for key in ("ns_script", "ns_epilog"):
+        path = getattr(cfg, key)
+        if not path:
+            continue
+        for m in hidden:
+            if _under(path, m):
+                raise ConfigError(f"{at(key)}: {key}={path} lies under {m}, which inside a job is the job "
+                                  f"user's private directory; put the script in a root-only directory such "
+                                  f"as /etc/privtmpd")
+        if path.startswith(cfg.base + ".") or _under(path, cfg.rundir):
+            raise ConfigError(f"{at(key)}: {key}={path} lies in privtmpd's own job or run directories")
+
+
+def check_ns_script(path, what):
+    """Start-up check of a script: a root-owned executable regular file
+    that only root can change, reached through root-owned directories no
+    one else can write to (no sticky-bit exception: someone else's file in
+    a sticky directory could still be put in place of a missing script),
+    without a symlink anywhere."""
+    missing = _check_no_symlinks(posixpath.dirname(path), what)
+    if missing:
+        raise ConfigError(f"{what}: {missing} does not exist")
+    cur = ""
+    for part in [""] + path.strip("/").split("/"):
+        cur = (cur.rstrip("/") + "/" + part) if part else "/"
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            raise ConfigError(f"{what}: {cur} does not exist; install the script or remove this setting") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ConfigError(f"{what}: {cur} is a symbolic link to {os.readlink(cur)!r}; configure the real path")
+        if st.st_uid != 0:
+            raise ConfigError(f"{what}: {cur} is owned by uid {st.st_uid}; the script and every directory "
+                              f"above it must belong to root (chown root: {cur})")
+        if st.st_mode & 0o022:
+            raise ConfigError(f"{what}: {cur} is writable by group or others; run chmod go-w {cur}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what}: {path} is not a regular file")
+    if not st.st_mode & 0o100:
+        raise ConfigError(f"{what}: {path} is not executable; run chmod 0755 {path}")
+
+
+def check_ns_scripts(cfg):
+    for key in ("ns_script", "ns_epilog"):
+        path = getattr(cfg, key)
+        if path:
+            check_ns_script(path, f"{cfg.lines.get(key, cfg.source)}: {key}={path}")
+# --- end of namespace scripts ----------------------------------------------
 
 
 _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_workers", "kill_timeout",
          "metrics_dir", "keep_failed", "keep_max", "limit", "limit_from", "limit_max",
-         "limit_reserve", "count_bytes"}
+         "limit_reserve", "count_bytes"} | NS_SCRIPT_KEYS
 
 
 # --- per mount point: mount_options= and tmpfs= ---------------------------
@@ -510,6 +612,7 @@ def check_filesystem(cfg):
     # because then nobody but root can rename or remove our root-owned
     # job directories in it.
     _check_root_owned(cfg.base_parent, f"{where}: base={cfg.base}", "above the job directories")
+    check_ns_scripts(cfg)
     # The same for the parents of each mount point: a user who can rename
     # one could make the Prolog fail, or have the job's directory bound
     # somewhere else.

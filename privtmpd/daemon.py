@@ -12,6 +12,15 @@ Prolog).  Between requests the loop gives bounded turns to removals
 (removal.py) and to measuring kept directories (kept.py): nothing that
 grows with user data runs while a request waits.
 
+A handler may also return a ScriptRun (nsscripts.py) instead of its
+reply: an administrator's script runs in the job's namespace and the reply
+waits for it.  The server then keeps the client's connection, watches the
+script's output pipe in the same selector, and finishes the request (log
+line, reply, metrics) when the run is over; other requests are served
+meanwhile.  Several connections may wait for one run (a duplicate Prolog).
+Each run reaps its own child by PID, as the removal queue does its
+workers: nobody calls waitpid(-1), so neither steals the other's children.
+
 This module is the server: socket, loop, signals, readiness, one handler
 per protocol operation.  What a request does to a job is jobs.py.
 """
@@ -28,7 +37,7 @@ import sys
 import time
 from typing import Any, Dict
 
-from . import __version__, config, jobs, kept, mountopts, namespace, protocol, removal, runstate
+from . import __version__, config, jobs, kept, mountopts, namespace, nsscripts, protocol, removal, runstate
 from .logfmt import describe, event, setup_logging
 from .metrics import Metrics
 
@@ -83,6 +92,7 @@ class Daemon:
         self.metrics = Metrics(cfg, log)
         self.proc = None           # psutil handle, made after detaching (the pid changes)
         self._sig_r = -1           # the signal pipe, made in serve_forever()
+        self.waiting: Dict[nsscripts.ScriptRun, list] = {}   # requests whose reply waits for a script
         self.removals = removal.RemovalQueue(cfg, self.metrics, self._request_waiting, self._close_in_worker)
         self.kept = kept.KeptDirs(cfg, self.removals, self._request_waiting)
         self.jobs = jobs.Jobs(cfg, self.removals, self.kept, self.metrics)
@@ -145,6 +155,11 @@ class Daemon:
         self.listener.close()
         for c in self.conns.values():
             c.sock.close()
+        for run, waiters in self.waiting.items():
+            if run.fd >= 0:
+                os.close(run.fd)
+            for sock, *_ in waiters:
+                sock.close()
 
     def _status(self, f):
         rss, fds = self.footprint()
@@ -152,7 +167,8 @@ class Daemon:
                            rss_bytes=rss, open_fds=fds,
                            config=_config_dict(self.cfg), jobs=len(runstate.list_pins(self.cfg)),
                            removals_queued=self.removals.count(removal.QUEUED) + self.removals.count(removal.DEFERRED),
-                           removals_running=self.removals.count(removal.RUNNING)), None
+                           removals_running=self.removals.count(removal.RUNNING),
+                           scripts_running=len(self.waiting)), None
 
     # --- the loop --------------------------------------------------------
 
@@ -178,13 +194,16 @@ class Daemon:
         while not self.stopping:
             self._guarded("retry", self.removals.retry_due)
             self._guarded("remove", self.removals.step)
-            for key, _ in self.sel.select(0 if self.kept.measuring() else 1.0):
+            for key, _ in self.sel.select(0 if self.kept.measuring() else self._select_timeout()):
                 if key.data == "listen":
                     self._guarded("accept", self._accept)
                 elif key.data == "signal":
                     self._signals()
+                elif isinstance(key.data, nsscripts.ScriptRun):
+                    self._guarded("script-output", key.data.read_output)
                 else:
                     self._guarded("read", self._read, key.data)
+            self._guarded("scripts", self._scripts_step)
             self._guarded("expire", self._expire)
             if self.kept.due():
                 self._guarded("kept", self.kept.check)
@@ -193,6 +212,14 @@ class Daemon:
             self._guarded("reap", self.removals.reap)
             self._guarded("metrics", self.metrics.maybe_write, self._sample_gauges)
         self.shutdown()
+
+    def _select_timeout(self):
+        """At most a second; less when a script's time limit comes sooner
+        (a hanging script is killed on time, not up to a second late)."""
+        if not self.waiting:
+            return 1.0
+        soonest = min(run.deadline for run in self.waiting)
+        return min(1.0, max(0.0, soonest - time.monotonic()) + 0.001)
 
     def _guarded(self, what, step, *args):
         """One step of the loop.  The daemon is the only server of every job
@@ -290,23 +317,53 @@ class Daemon:
 
     def _process(self, sock, data):
         t0 = time.monotonic()
-        op, job, error, dry, user = "?", None, None, False, None
+        op = "?"
         fields: Dict[str, Any] = {}
         try:
             op, fields = protocol.parse_request(data)
-            job, dry = fields.get("job"), fields.get("dry_run", False)
-            reply, user = self.handlers[op](fields)
-            result = "ok" if reply.startswith(b'{"ok":true') else "refused"
         except protocol.ProtocolError as e:
             error = str(e)
-            reply, result = protocol.error(error, "bad-request"), "bad-request"
+            self._finish(sock, op, fields, t0, protocol.error(error, "bad-request"), None, "bad-request", error)
+            return
+        self._finish(sock, op, fields, t0, *self._outcome(op, fields, lambda: self.handlers[op](fields)))
+
+    def _outcome(self, op, fields, call):
+        """(reply, user, result, error) of a handler, or of a finished
+        ScriptRun; (run,) when the handler returned a run to wait for."""
+        try:
+            out = call()
+            if isinstance(out, nsscripts.ScriptRun):
+                return (out,)
+            reply, user = out
+            return reply, user, "ok" if reply.startswith(b'{"ok":true') else "refused", None
         except Exception as e:      # noqa: BLE001 - one place where errors become replies
             error = describe(e)
-            reply, result = protocol.error(error), "error"
             try:
                 user = jobs.request_user(self.cfg, op, fields)
             except Exception:       # noqa: BLE001 - only for the log line
                 user = None
+            return protocol.error(error), user, "error", error
+
+    def _wait_for(self, run, sock, op, fields, t0):
+        """The reply waits for run: keep the connection, watch the output."""
+        if run not in self.waiting:
+            self.waiting[run] = []
+            if run.fd >= 0:
+                self.sel.register(run.fd, selectors.EVENT_READ, run)
+                run.unwatch = self.sel.unregister
+        self.waiting[run].append((sock, op, fields, t0))
+
+    def _scripts_step(self):
+        for run in [r for r in self.waiting if r.poll()]:
+            for sock, op, fields, t0 in self.waiting.pop(run):
+                self._finish(sock, op, fields, t0, *self._outcome(op, fields, run.result))
+
+    def _finish(self, sock, op, fields, t0, reply, user=None, result=None, error=None):
+        """Log, answer and count one request."""
+        if isinstance(reply, nsscripts.ScriptRun):
+            self._wait_for(reply, sock, op, fields, t0)
+            return
+        job, dry = fields.get("job"), fields.get("dry_run", False)
         ms = (time.monotonic() - t0) * 1000
         # One line per request: changes at info, queries at debug, trouble above.
         if result == "error":
@@ -365,6 +422,11 @@ class Daemon:
         for c in list(self.conns.values()):
             self._drop(c)
             self._reply(c.sock, protocol.error("privtmpd is stopping; retry", "busy"))
+        # Scripts die with the daemon's stop (a create's state stays
+        # "creating", so the next start rolls that job back).
+        for run in list(self.waiting):
+            self._guarded("scripts", run.cancel, "privtmpd is stopping")
+        self._guarded("scripts", self._scripts_step)
         self.removals.kill_workers()
         try:
             os.unlink(self.cfg.socket_path)
@@ -383,7 +445,10 @@ def _config_dict(cfg):
             "metrics_dir": cfg.metrics_dir or None, "keep_failed": cfg.keep_failed or None,
             "keep_max": cfg.keep_max if cfg.keep_failed else None, "limit": cfg.limit or None,
             "limit_from": cfg.limit_from or None, "limit_max": cfg.limit_max or None, "limit_reserve": cfg.limit_reserve,
-            "count_bytes": cfg.count_bytes, **mountopts.config_json(cfg)}
+            "count_bytes": cfg.count_bytes, **mountopts.config_json(cfg), "ns_script": cfg.ns_script or None,
+            "ns_epilog": cfg.ns_epilog or None,
+            "ns_script_timeout": cfg.ns_script_timeout if cfg.ns_script or cfg.ns_epilog else None,
+            "on_script_error": cfg.on_script_error if cfg.ns_script else None}
 
 
 

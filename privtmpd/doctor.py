@@ -134,6 +134,7 @@ def _only_paths(cfg, **changes):
     """cfg for config.check_filesystem's path checks alone (limit= has its own check)."""
     if getattr(cfg, "limit", 0):
         changes["limit"] = 0
+    changes.update(ns_script="", ns_epilog="")     # checked by check_ns_scripts
     return dataclasses.replace(cfg, **changes)
 
 
@@ -152,7 +153,8 @@ class Doctor:
     def run(self):
         if not self.check_config():
             return self.results
-        for check in (self.check_base, self.check_mounts, self.check_limit, self.check_rundir, self.check_propagation,
+        for check in (self.check_base, self.check_mounts, self.check_limit, self.check_ns_scripts,
+                      self.check_rundir, self.check_propagation,
                       self.check_daemon, self.check_slurm, self.check_hook_interpreter, self.check_free_space,
                       self.check_metrics, self.check_kernel, self.check_link_protection,
                       self.check_tmpfs_sizes, self.check_sbcast, self.check_shared_tmp_leftovers):
@@ -215,6 +217,35 @@ class Doctor:
         else:
             self.add("limit", FAIL, "limit= is set but mkfs.ext4 is missing: no job could start",
                      "dnf install e2fsprogs (apt-get install e2fsprogs)")
+
+    def check_ns_scripts(self):
+        cfg = self.cfg
+        for key in ("ns_script", "ns_epilog"):
+            path = getattr(cfg, key)
+            if not path:
+                continue
+            try:
+                config.check_ns_script(path, f"{key}={path}")
+            except config.ConfigError as e:
+                self.add(key, FAIL, f"{e}: privtmpd refuses to start",
+                         f"install {path} as root, mode 0755, in a root-only directory outside the mount "
+                         f"points (chown root: and chmod go-w each directory above it)")
+                continue
+            self.add(key, OK, f"{path} is root's, executable, reached through root-only directories; "
+                     f"time limit {cfg.ns_script_timeout:g} s"
+                     + (f", on_script_error={cfg.on_script_error}" if key == "ns_script" else ""))
+        if not (cfg.ns_script or cfg.ns_epilog):
+            return
+        try:
+            sc = read_slurm_conf(self.slurm_conf)
+        except OSError:
+            return                      # check_slurm reports an unreadable slurm.conf
+        limit = sc.get("prologepilogtimeout", "")
+        if limit.isdigit() and 0 < int(limit) <= cfg.ns_script_timeout + 5:
+            self.add("script time limit", WARN, f"PrologEpilogTimeout={limit} in {self.slurm_conf} is not "
+                     f"above ns_script_timeout={cfg.ns_script_timeout:g}: slurmd kills the Prolog or Epilog "
+                     f"(and drains the node) before privtmpd's own limit ends the script",
+                     f"raise PrologEpilogTimeout, or lower ns_script_timeout= below {int(limit) - 5}")
 
     def check_rundir(self):
         cfg = self.cfg

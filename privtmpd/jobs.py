@@ -9,8 +9,12 @@ in the host mount namespace, one request at a time:
               symlinks), or a limit= image holding them (limitfs)
            3. build the namespace with the directories bound over the
               mount points, pin it on <rundir>/ns/J (namespace, runstate)
-           4. record state "ready" with the pinned namespace's identity
-  destroy  kill what is left in the namespace (proc), unpin, rename
+           4. ns_script= (nsscripts): run in the namespace; the reply waits
+              for it without holding other requests up
+           5. record state "ready" with the pinned namespace's identity
+  destroy  ns_epilog= (nsscripts) in the namespace, reply deferred likewise;
+           log the job's usage where one statvfs tells it (limit=);
+           kill what is left in the namespace (proc), unpin, rename
            $base.J.* to trash names (jobdirs, O(1)); the trees are removed
            after the reply (removal).
 
@@ -26,7 +30,7 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import hostpath, jobdirs, limitfs, mountopts, names, namespace, proc, protocol, runstate, safefs
+from . import hostpath, jobdirs, limitfs, mountopts, names, namespace, nsscripts, proc, protocol, removal, runstate, safefs
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -100,8 +104,9 @@ def request_user(cfg, op, fields):
 
 # --- create and destroy ----------------------------------------------------
 
-def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, limit=None):
-    """Build and pin job's namespace.  Returns the state dict.
+def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, limit=None, ready=True):
+    """Build and pin job's namespace.  Returns the state dict.  ready=False
+    leaves the state "creating" (ns_script runs before the job is ready).
 
     limit: bytes of the job's limit= filesystem (default cfg.limit).
     on_trash(parent, name) receives directories to remove in the background
@@ -131,10 +136,14 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
         top = f"{dpath}/{limitfs.LIMITED_FS}"
         placement.subdirs, state["reserved"] = limitfs.make_limited_fs(cfg, dpath, [sub for _, sub in plan],
                                                                        uid, gid, limit)
+        # What an empty filesystem already uses (ext4's metadata, our
+        # directories): subtracted from the job's usage at teardown.
+        state["fs_base"] = list(limitfs.limited_fs_counts(dpath) or (0, 0))
     binds = [(m, f"{top}/{sub}", *placement.subdirs[sub], mountopts.extra_flags(cfg, m)) for m, sub in plan]
     namespace.build_and_pin(cfg, job, binds, timeout)
     state["ns"] = list(runstate.pin_identity(cfg, job))
-    state["state"] = runstate.STATE_READY
+    if ready:
+        state["state"] = runstate.STATE_READY
     runstate.write_state(cfg, job, state)
     return state
 
@@ -147,7 +156,7 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     are looked for too (runs_to_tear_down).  keep_until (Unix time): keep
     the directories under their kept name (keep_failed=) instead."""
     info = {"job": job, "killed": [], "cgroups": [], "unpinned": False, "dirs": [], "kept": [],
-            "keep_errors": []}
+            "keep_errors": [], "usage": None}
     state = runstate.read_state(cfg, job) or {}
     ns_id = runstate.pin_identity(cfg, job)
     if ns_id and isinstance(state.get("ns"), list) and list(ns_id) != state["ns"]:
@@ -174,6 +183,15 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         runstate.unpin(cfg, job)
         info["unpinned"] = True
+    if state.get("limit") and isinstance(state.get("dir"), str):
+        # The job's own filesystem: its usage is one statvfs, now, while
+        # it is still mounted on the host side.
+        counts = limitfs.limited_fs_counts(state["dir"])
+        if counts:
+            base = state.get("fs_base")
+            if not (isinstance(base, list) and len(base) == 2 and all(type(n) is int for n in base)):
+                base = [0, 0]
+            info["usage"] = {"bytes": max(counts[0] - base[0], 0), "files": max(counts[1] - base[1], 0)}
     with jobdirs.parent_fd(cfg) as pfd:
         for r in runs_to_tear_down(state, restart_hint):
             dname = names.job_dir_name(cfg.base_name, job, r)
@@ -187,7 +205,8 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
             if tname:
                 info["dirs"].append(dname)
                 if on_trash:
-                    on_trash(cfg.base_parent, tname)
+                    # Without a statvfs, the removal's walk gives the usage.
+                    on_trash(cfg.base_parent, tname, usage_ok=info["usage"] is None)
     runstate.remove_state(cfg, job)
     return info
 
@@ -203,16 +222,33 @@ class Jobs:
         self.removals = removals
         self.kept = kept
         self.metrics = metrics
+        self.scripts: Dict[int, nsscripts.ScriptRun] = {}   # job -> its ns_script or ns_epilog running
 
-    def _trash_for(self, user):
-        return lambda parent, name: self.removals.queue(parent, name, user)
+    def _trash_for(self, user, usage=True):
+        """on_trash for create/destroy.  usage=False for directories that
+        are not a job's final state (a rolled-back create's, empty)."""
+        return lambda parent, name, usage_ok=False, **_: self.removals.queue(parent, name, user,
+                                                                             usage=usage and usage_ok)
+
+    def _cancel_script(self, job, reason):
+        run = self.scripts.pop(job, None)
+        if run is not None:
+            run.cancel(reason)
 
     # --- requests --------------------------------------------------------
 
-    def create(self, f) -> Tuple[bytes, object]:
+    def create(self, f):
+        """(reply, user), or the ScriptRun of ns_script= the reply waits for."""
         cfg, job, restart = self.cfg, f["job"], f["restart"]
         user = f.get("user") or f["uid"]
-        on_trash = self._trash_for(user)
+        on_trash = self._trash_for(user, usage=False)
+        pending = self.scripts.get(job)
+        if pending is not None:
+            if (pending.kind == nsscripts.INIT and pending.env["SLURM_JOB_RESTART_COUNT"] == str(restart)
+                    and pending.env["SLURM_JOB_UID"] == str(f["uid"])
+                    and pending.env["SLURM_JOB_GID"] == str(f["gid"])):
+                return pending      # a duplicate Prolog waits for the same script
+            self._cancel_script(job, f"a create for run {restart} of the job came")
         st = runstate.read_state(cfg, job)
         ident = runstate.pin_identity(cfg, job)
         if is_duplicate_create(st, ident, restart, f["uid"], f["gid"]):
@@ -220,10 +256,13 @@ class Jobs:
         if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)):
             # A previous run of this job (requeue without Epilog here, or a
             # half-made attempt): start from nothing.
-            destroy(cfg, job, restart_hint=restart, on_trash=on_trash)
+            destroy(cfg, job, restart_hint=restart, on_trash=self._trash_for(user))
         try:
             st = create(cfg, job, restart, f["uid"], f["gid"], f.get("user", ""), on_trash=on_trash,
-                        limit=self.job_limit(job, f.get("slurm_conf"), user))
+                        limit=self.job_limit(job, f.get("slurm_conf"), user), ready=not cfg.ns_script)
+            if cfg.ns_script:
+                run = nsscripts.ScriptRun(cfg, nsscripts.INIT, job, user, nsscripts.environment(cfg, nsscripts.INIT, st),
+                                          on_done=lambda run: self._init_done(run, st, user))
         except BaseException:
             # No partial state: roll back pin, state and directories.
             try:
@@ -237,11 +276,73 @@ class Jobs:
             log.warning(event("create", "not-reserved", job, user, limit=st["limit"],
                               dir=st["dir"], note="the disk could not hold the whole image: it is "
                               "sparse, and the job may get EIO before its limit if the disk fills up"))
+        if cfg.ns_script:
+            self.scripts[job] = run
+            return run
         return protocol.ok(job=job, dir=st["dir"], existing=False), user
 
-    def destroy(self, f) -> Tuple[bytes, object]:
+    def _init_done(self, run: nsscripts.ScriptRun, st, user) -> Tuple[bytes, object]:
+        """ns_script is over: the job is ready, or (on_script_error=fail)
+        rolled back and the Prolog fails, which drains the node."""
+        cfg, job = self.cfg, run.job
+        if self.scripts.get(job) is run:
+            del self.scripts[job]
+        if run.cancelled:
+            # Whoever cancelled it (the job's Epilog, a new create, cleanup,
+            # the daemon stopping) deals with the namespace.
+            return protocol.error(f"job {job}: its ns_script was {run.describe()}", "busy"), user
+        if not run.succeeded and cfg.on_script_error == "fail":
+            try:
+                destroy(cfg, job, restart_hint=st["restart"], on_trash=self._trash_for(user, usage=False))
+            except Exception as e:  # noqa: BLE001 - report the script's failure, log this one
+                log.error(event("create-rollback", "error", job, user, error=describe(e)))
+            return protocol.error(f"ns_script {run.path} {run.describe()} (its output is in privtmpd's log); "
+                                  f"the job's namespace was removed (on_script_error=fail)"), user
+        if not run.succeeded:
+            log.warning(event("create", "script-error-ignored", job, user, status=run.describe(),
+                              note="on_script_error=log: the job starts anyway"))
+        if list(runstate.pin_identity(cfg, job) or ()) != st["ns"]:
+            raise namespace.NamespaceError(f"job {job}: its namespace pin went away while ns_script ran")
+        st["state"] = runstate.STATE_READY
+        runstate.write_state(cfg, job, st)
+        return protocol.ok(job=job, dir=st["dir"], existing=False), user
+
+    def destroy(self, f):
+        """(reply, user), or the ScriptRun of ns_epilog= the reply waits for."""
         cfg, job = self.cfg, f["job"]
-        user = user_of(runstate.read_state(cfg, job))
+        st = runstate.read_state(cfg, job)
+        user = user_of(st)
+        pending = self.scripts.get(job)
+        if pending is not None:
+            if pending.kind == nsscripts.EPILOG:
+                return pending      # the Epilog again (a retry): waits for the same teardown
+            # The job ended before ns_script did (cancelled, or the Prolog
+            # failed elsewhere): no ns_epilog for a job that never was ready.
+            self._cancel_script(job, "the job's Epilog came first")
+        elif cfg.ns_epilog and is_live(st, runstate.pin_identity(cfg, job)):
+            code = f.get("exit_code")
+            try:
+                run = nsscripts.ScriptRun(cfg, nsscripts.EPILOG, job, user,
+                                          nsscripts.environment(cfg, nsscripts.EPILOG, st, code),
+                                          on_done=lambda run: self._epilog_done(run, f, user))
+            except Exception as e:  # noqa: BLE001 - teardown goes on without the script
+                log.error(event(nsscripts.EPILOG, "error", job, user, error=describe(e),
+                                note="the job is torn down without it"))
+            else:
+                self.scripts[job] = run
+                return run
+        return self._teardown(f, user)
+
+    def _epilog_done(self, run: nsscripts.ScriptRun, f, user) -> Tuple[bytes, object]:
+        """ns_epilog is over, however it ended: tear down.  Its failure is
+        logged, never the Epilog's: the teardown does not depend on it, and
+        a failed Epilog would drain the node for nothing."""
+        if self.scripts.get(run.job) is run:
+            del self.scripts[run.job]
+        return self._teardown(f, user)
+
+    def _teardown(self, f, user) -> Tuple[bytes, object]:
+        cfg, job = self.cfg, f["job"]
         code = f.get("exit_code", 0)
         keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
         info = destroy(cfg, job, restart_hint=f.get("restart"), on_trash=self._trash_for(user),
@@ -251,6 +352,9 @@ class Jobs:
             log.info(event("destroy", "not-kept-tmpfs", job, user, exit_code=code,
                            mounts=",".join(m for m, _ in cfg.tmpfs),
                            note="tmpfs= mount points are freed with the namespace and cannot be kept"))
+        if info["usage"]:
+            removal.log_usage(self.metrics, job, user, "statvfs", "ok", info["usage"]["files"],
+                              nbytes=info["usage"]["bytes"])
         for why in info["keep_errors"]:
             log.warning(event("destroy", "not-kept", job, user, exit_code=code, error=why, note="removed instead"))
         if info["kept"]:
@@ -274,6 +378,8 @@ class Jobs:
             ident = runstate.pin_identity(cfg, job)
             st["pinned"] = bool(ident)
             st["processes"] = proc.processes_in(ident) if ident else []
+            if job in self.scripts:
+                st["script"] = self.scripts[job].kind
             if st.get("limit") and isinstance(st.get("dir"), str):
                 st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
             if isinstance(st.get("tmpfs"), dict) and ident:
@@ -388,6 +494,8 @@ class Jobs:
         user = None
         live: Dict[int, Optional[dict]] = {}
         if job is not None:
+            if not dry_run:
+                self._cancel_script(job, "privtmpctl cleanup named the job")
             st = runstate.read_state(cfg, job)
             ident = runstate.pin_identity(cfg, job)
             dirs = jobdirs.job_dirs(cfg, job)
@@ -399,7 +507,8 @@ class Jobs:
             states = runstate.all_states(cfg)
             for j, st in states.items():
                 ident = runstate.pin_identity(cfg, j)
-                if is_live(st, ident):
+                if is_live(st, ident) or j in self.scripts:
+                    # A script's job is being made or torn down right now.
                     live[j] = st
                     continue
                 state = (st or {}).get("state", "unreadable")
@@ -407,7 +516,7 @@ class Jobs:
                                          f"state {state!r} without its live namespace")
                 (skipped if item["processes"] else jobs).append(item)
             for pin in runstate.list_pins(cfg):
-                if pin not in states and isinstance(pin, int):
+                if pin not in states and isinstance(pin, int) and pin not in self.scripts:
                     item = self._orphan_item(pin, None, None, runstate.pin_identity(cfg, pin), [],
                                              "pin without a state file")
                     (skipped if item["processes"] else jobs).append(item)

@@ -153,5 +153,7 @@ class KeptDirs:
         if tname:
             log.info(event("kept", "removed", k["job"], k["uid"], dir=k["path"], reason=why))
             # The kept directory's owner, not the last request's user.
-            self.removals.queue(self.cfg.base_parent, tname, k["uid"])
+            # usage: the kept directory is the job's as it ended; its
+            # removal reports the job's usage (op=usage).
+            self.removals.queue(self.cfg.base_parent, tname, k["uid"], usage=True)
             self.removals.set_user(self.cfg.base_parent, tname, k["uid"])

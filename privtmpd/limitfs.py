@@ -95,3 +95,15 @@ def limited_fs_usage(dpath):
     except OSError:
         return None
     return ((v.f_blocks - v.f_bfree) * v.f_frsize, v.f_blocks * v.f_frsize)
+
+
+def limited_fs_counts(dpath):
+    """(used bytes, used inodes) of a job's limit= filesystem, or None: one
+    statvfs, whatever the job wrote (the per-job usage at teardown)."""
+    try:
+        if os.stat(f"{dpath}/{LIMITED_FS}").st_dev == os.stat(dpath).st_dev:
+            return None
+        v = os.statvfs(f"{dpath}/{LIMITED_FS}")
+    except OSError:
+        return None
+    return (v.f_blocks - v.f_bfree) * v.f_frsize, v.f_files - v.f_ffree

@@ -30,6 +30,11 @@ FILENAME = "privtmpd.prom"
 FAST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SLOW_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0)
 
+# A job's private directories at teardown (op=usage): bytes from 1 MiB to
+# 1 TiB, by factors of 4 (local scratch disks); files by factors of 10.
+JOB_BYTES_BUCKETS = tuple(float(1 << n) for n in range(20, 41, 2))
+JOB_FILES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+
 RESULTS = ("ok", "refused", "error")
 
 # name -> (type, help, {label: initial values}, buckets)
@@ -57,6 +62,10 @@ FAMILIES: Dict[str, Tuple[str, str, Dict[str, Tuple[str, ...]], Optional[Tuple[f
     "privtmpd_removed_dirs_total": ("counter", "Directories removed.", {}, None),
     "privtmpd_removed_bytes_total": ("counter", "Bytes freed by removals that measured them (count_bytes=).",
                                      {}, None),
+    "privtmpd_job_bytes": ("histogram", "Bytes in a job's private directories at teardown, where measured "
+                           "(limit= jobs, small trees, count_bytes=yes).", {}, JOB_BYTES_BUCKETS),
+    "privtmpd_job_files": ("histogram", "Files and directories in a job's private directories at teardown.",
+                           {}, JOB_FILES_BUCKETS),
     "privtmpd_orphans_swept_total": ("counter", "Job directories found without a live job and removed.",
                                      {}, None),
 }
@@ -121,12 +130,13 @@ class Metrics:
     def set_active(self, n):
         self.set("privtmpd_jobs_active", n)
 
-    def observe(self, name, seconds):
+    def observe(self, name, value):
+        """One observation (seconds, bytes or files) of a histogram."""
         h = self.hist[name]
         for i, bound in enumerate(FAMILIES[name][3] or ()):
-            if seconds <= bound:
+            if value <= bound:
                 h[i] += 1
-        h[-2] += seconds
+        h[-2] += value
         h[-1] += 1
         self.dirty = True
 

@@ -15,6 +15,14 @@ A job's directories are renamed to a trash name by the Epilog's request
 Each removal is one record (_Removal) in one dict; where it stands
 (queued, paused inline, handed to a worker, running, waiting for a retry)
 is a field of that record, not membership in parallel lists.
+
+A job's final usage (op=usage, and the job size histograms) comes from the
+removal's own walk, which counts files and directories anyway: no second
+walk.  Bytes are known when every removed file was measured (an inline
+removal measures each for its budget; a worker only with count_bytes=yes);
+otherwise the line says bytes=- rather than a partial sum.  A job with its
+own filesystem (limit=) is measured by statvfs at teardown instead
+(jobs.py), and its removal reports nothing.
 """
 
 import json
@@ -57,6 +65,7 @@ class _Removal:
     due: float = 0.0                        # DEFERRED: when to retry
     pid: int = 0                            # RUNNING: the worker
     report_fd: int = -1                     # RUNNING: its report pipe
+    usage: bool = False                     # log the job's usage from this removal's counts
 
     @property
     def path(self):
@@ -78,12 +87,14 @@ class RemovalQueue:
 
     # --- what is there ----------------------------------------------------
 
-    def queue(self, parent: str, name: str, user=None) -> None:
+    def queue(self, parent: str, name: str, user=None, usage=False) -> None:
         """Queue parent/name for removal, once (again while queued,
-        running or waiting for a retry is a no-op)."""
+        running or waiting for a retry is a no-op).  usage: the tree is a
+        job's private directories as the job left them; its counts are the
+        job's usage."""
         r = self._all.get((parent, name))
         if r is None:
-            r = self._all[(parent, name)] = _Removal(parent, name, user)
+            r = self._all[(parent, name)] = _Removal(parent, name, user, usage=usage)
             self._order.append((parent, name))
         elif r.user is None:
             r.user = user
@@ -170,8 +181,10 @@ class RemovalQueue:
         try:
             if r.user is None:
                 r.user = jobdirs.owner_uid(pfd, r.name)
-            if (jobdirs.lexists_at(pfd, f"{r.name}/{limitfs.LIMITED_FS}.img")
-                    or names.NameMatcher(self.cfg.base_name).kept_trash(r.name)):
+            image = jobdirs.lexists_at(pfd, f"{r.name}/{limitfs.LIMITED_FS}.img")
+            if image:
+                r.usage = False         # measured by statvfs at teardown; the walk sees one image file
+            if image or names.NameMatcher(self.cfg.base_name).kept_trash(r.name):
                 # limit=: one file as big as the job's data; a kept
                 # directory: removed with its owner's credentials, by a
                 # forked process.  Never inline.
@@ -241,11 +254,12 @@ class RemovalQueue:
                 limitfs.umount_limited_fs(r.parent, r.name)
             except OSError:
                 pass
+            image = jobdirs.lexists_at(pfd, f"{r.name}/{limitfs.LIMITED_FS}.img")
             if names.NameMatcher(self.cfg.base_name).kept_trash(r.name):
                 stats = safefs.remove_as_owner(pfd, r.name)
             else:
                 stats = safefs.remove_tree(pfd, r.name, sizes=self.cfg.count_bytes)
-            os.write(wfd, json.dumps(dict(stats.__dict__, user=owner)).encode()[:_REPORT_MAX])
+            os.write(wfd, json.dumps(dict(stats.__dict__, user=owner, image=image)).encode()[:_REPORT_MAX])
             code = 0
         except BaseException as e:
             try:
@@ -256,17 +270,15 @@ class RemovalQueue:
             os._exit(code)
 
     def reap(self) -> None:
-        """Collect finished workers (the loop wakes on SIGCHLD)."""
-        running = {r.pid: r for r in self._all.values() if r.where == RUNNING}
-        while True:
+        """Collect finished workers (the loop wakes on SIGCHLD).  Each by
+        its PID, never waitpid(-1): the daemon has other children (the
+        namespace scripts, nsscripts.py) that are not ours to reap."""
+        for r in [r for r in self._all.values() if r.where == RUNNING]:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(r.pid, os.WNOHANG)
             except ChildProcessError:
-                return
+                pid, status = r.pid, -1
             if pid == 0:
-                return
-            r = running.pop(pid, None)
-            if r is None:
                 continue
             try:
                 raw = os.read(r.report_fd, 65536)
@@ -305,6 +317,11 @@ class RemovalQueue:
             log.info(event("remove", "ok", job, user, ms, dir=r.path, by=by, files=info["files"],
                            dirs=info["dirs"], **sized))
             self.metrics.inc("privtmpd_removals_total", result="ok")
+        if r.usage and r.attempts == 0 and "files" in info and not info.get("image"):
+            # The first attempt's counts are the job's; a retry only sees
+            # what the first one left.
+            log_usage(self.metrics, job, user, "removal", "partial" if failed else "ok",
+                      info["files"], info["dirs"], info["bytes"] if sized else None)
         if "files" in info:
             self.metrics.inc("privtmpd_removed_files_total", info["files"])
             self.metrics.inc("privtmpd_removed_dirs_total", info["dirs"])
@@ -350,3 +367,13 @@ class RemovalQueue:
                 pass
             os.close(r.report_fd)
             r.report_fd, r.where = -1, QUEUED
+
+
+def log_usage(metrics, job, user, source, result, files, dirs=None, nbytes=None):
+    """One op=usage line per job at teardown, and the job size histograms.
+    nbytes None: not measured (bytes=- in the line, no bytes observation):
+    a partial sum would read as the job's usage."""
+    log.info(event("usage", result, job, user, bytes=nbytes, files=files, dirs=dirs, source=source))
+    metrics.observe("privtmpd_job_files", files)
+    if nbytes is not None:
+        metrics.observe("privtmpd_job_bytes", nbytes)

@@ -73,25 +73,6 @@ def _run(argv, **kw):
     return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, **kw)
 
 
-def _mirror():
-    """The machine's Debian mirror, as its apt sources name it."""
-    import glob
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        with open(path) as f:
-            for line in f:
-                if line.startswith("URIs:"):
-                    return line.split()[1]
-    try:
-        with open("/etc/apt/sources.list") as f:
-            for line in f:
-                parts = line.split()
-                if parts[:1] == ["deb"] and len(parts) > 1:
-                    return parts[1 if not parts[1].startswith("[") else 2]
-    except FileNotFoundError:
-        pass
-    return None
-
-
 def ensure_rootfs(log=print):
     """The cached root filesystem, made now if missing or of an older recipe
     (about a minute).  Raises LabUnavailable."""
@@ -105,9 +86,6 @@ def ensure_rootfs(log=print):
     for tool in ("debootstrap", "systemd-nspawn"):
         if _run(["sh", "-c", f"command -v {tool}"]).returncode:
             raise LabUnavailable(f"{tool} not installed (apt-get install debootstrap systemd-container)")
-    mirror = _mirror()
-    if not mirror:
-        raise LabUnavailable("no Debian mirror in the machine's apt sources")
     os.makedirs(os.path.dirname(ROOT), exist_ok=True)
     with open(ROOT + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)     # one builder; the others wait and reuse its tree
@@ -116,19 +94,9 @@ def ensure_rootfs(log=print):
         new = ROOT + ".new"
         _run(["rm", "-rf", "--one-file-system", new])
         log(f"systemdlab: debootstrap bookworm into {ROOT} (once)")
-        r = _run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", new, mirror],
-                 timeout=900)
+        r = _run([os.path.join(REPO, "tools", "debootstrap-root.sh"), "bookworm", new, PACKAGES], timeout=900)
         if r.returncode:
             raise LabUnavailable(f"debootstrap failed: {(r.stdout + r.stderr)[-1500:]}")
-        # The machine's extra CA certificates and pip set-up, as tools/trixie-leg.sh does.
-        extra_ca = "/usr/local/share/ca-certificates"
-        if os.path.isdir(extra_ca):
-            _run(["cp", "-r", f"{extra_ca}/.", f"{new}{extra_ca}/"], check=True)
-            _run(["chroot", new, "update-ca-certificates"])
-        for path in ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "/etc/xdg/pip/constraints.txt"):
-            if os.path.exists(path):
-                os.makedirs(new + os.path.dirname(path), exist_ok=True)
-                _run(["cp", path, new + path], check=True)
         with open(f"{new}/etc/hostname", "w") as f:
             f.write(MACHINE + "\n")
         # An empty machine-id: nspawn hands the container a fresh one per boot.

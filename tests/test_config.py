@@ -268,7 +268,9 @@ _GOOD = {"base": "/tmp/slurm", "mount": "/tmp", "rundir": "/run/pt", "socket": "
          "mode": "0700", "shm": "64m", "tmpdir": "/tmp", "remove_workers": "2", "kill_timeout": "5",
          "metrics_dir": "/var/lib/m", "keep_failed": "1h", "keep_max": "2g", "limit": "1g",
          "limit_from": "tmp", "limit_max": "2g", "limit_reserve": "yes", "count_bytes": "yes",
-         "mount_options": "/tmp:noexec", "tmpfs": "/tmp:1g", "sbcast": "yes"}
+         "mount_options": "/tmp:noexec", "tmpfs": "/tmp:1g", "sbcast": "yes",
+         "ns_script": "/etc/privtmpd/init", "ns_epilog": "/etc/privtmpd/epilog", "ns_script_timeout": "30",
+         "on_script_error": "log"}
 
 
 def one_key_per_line():

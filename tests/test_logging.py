@@ -80,7 +80,9 @@ def test_one_line_per_event_with_job_user_op_result_ms(daemon):
     # Queries are not logged unless --debug.
     assert not find(evs, op="list") and not find(evs, op="status")
     levels = {f["op"]: lvl for lvl, f in evs if f["job"] == "101"}
-    assert levels == {"create": "INFO", "destroy": "INFO", "remove": "INFO"}
+    assert levels == {"create": "INFO", "destroy": "INFO", "remove": "INFO", "usage": "INFO"}
+    [usage] = find(evs, op="usage", job="101")      # the job's final size, from the removal's counts
+    assert usage["files"] == "1" and usage["bytes"] == remove["bytes"] and usage["source"] == "removal"
 
 
 def test_debug_logs_queries_too(daemon_factory):

@@ -47,26 +47,9 @@ if [ ! -e "$ROOT/.privtmpd-ready" ]; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null
     }
-    # The machine's own Debian mirror, as its apt sources name it.
-    mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-    [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-    [ -n "$mirror" ] || { echo "trixie-leg: no Debian mirror in the machine's apt sources" >&2; exit 1; }
     rm -rf "$ROOT.new"
-    mkdir -p "$(dirname "$ROOT")"
     echo "trixie-leg: debootstrap trixie into $ROOT (once)"
-    debootstrap --variant=minbase --include=ca-certificates,git trixie "$ROOT.new" "$mirror" >"$ROOT.log" 2>&1 || {
-        tail -20 "$ROOT.log" >&2
-        exit 1
-    }
-    # The machine's extra CA certificates (pip behind a TLS proxy).
-    if [ -d /usr/local/share/ca-certificates ]; then
-        cp -r /usr/local/share/ca-certificates/. "$ROOT.new/usr/local/share/ca-certificates/"
-        chroot "$ROOT.new" update-ca-certificates >/dev/null 2>&1 || true
-    fi
-    # pip as the machine has it set up (its certificate bundle, its indexes).
-    for f in /etc/pip.conf /etc/xdg/pip/pip.conf /etc/xdg/pip/constraints.txt; do
-        if [ -e "$f" ]; then mkdir -p "$ROOT.new$(dirname "$f")"; cp "$f" "$ROOT.new$f"; fi
-    done
+    "$REPO/tools/debootstrap-root.sh" trixie "$ROOT.new" ca-certificates,git
     touch "$ROOT.new/.privtmpd-ready"
     rm -rf "$ROOT"
     mv "$ROOT.new" "$ROOT"
