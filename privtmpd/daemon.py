@@ -409,6 +409,15 @@ class Daemon:
             sock.setblocking(True)
             sock.settimeout(READ_DEADLINE)
             sock.sendall(data)
+            # Bytes left unread at close() make the kernel reset the peer
+            # (ECONNRESET on its next read): a client refused at accept()
+            # or cut off mid-request never had its request read.  What is
+            # already there is read and dropped, a bounded few reads: a
+            # client cannot hold the loop here by sending more.
+            sock.setblocking(False)     # a timeout socket would wait in recv()
+            for _ in range(4):
+                if not sock.recv(protocol.MAX_REQUEST + 1):
+                    break
         except OSError:
             pass
         finally:
