@@ -223,10 +223,23 @@ def _write_atomically(path, data, mode):
     os.rename(tmp, path)
 
 
+def _plain_path(path, what):
+    """The launchers are shell scripts that every Prolog and Epilog runs as
+    root: a path written into them must mean nothing to the shell (a space
+    would break every job, a $( or ; would run code)."""
+    import re
+    if not re.fullmatch(r"/[A-Za-z0-9_./+@-]*", path):
+        raise InstallError(f"{what} {path!r}: privtmpctl install writes it into shell launchers and accepts "
+                           f"only absolute paths of letters, digits and _ . / + @ -; make the virtualenv "
+                           f"somewhere plain (python3 -m venv /opt/privtmpd)")
+    return path
+
+
 def planned_files(venv, root="", with_spank=True):
     """{path: (bytes, mode)} that `privtmpctl install` writes for venv."""
     import privtmpd
     pkg = os.path.dirname(os.path.abspath(privtmpd.__file__))
+    _plain_path(venv, "the virtualenv")
     files = {}
     for prog in ("privtmpd", "privtmpctl"):
         files[f"{SBIN_DIR}/{prog}"] = (_program_launcher(venv, prog, sys.version_info[:2]).encode(), 0o755)
@@ -235,7 +248,7 @@ def planned_files(venv, root="", with_spank=True):
         if not os.path.isfile(hook):
             raise InstallError(f"{hook} is missing: the privtmpd in {venv} is incomplete; reinstall it "
                                f"({venv}/bin/pip install --force-reinstall <privtmpd checkout or release>)")
-        files[f"{LIBEXEC_DIR}/{kind}"] = (_hook_launcher(venv, kind, hook).encode(), 0o755)
+        files[f"{LIBEXEC_DIR}/{kind}"] = (_hook_launcher(venv, kind, _plain_path(hook, "the hook")).encode(), 0o755)
     if with_spank:
         so = os.path.join(pkg, "lib", "privtmpd_spank.so")
         if not os.path.isfile(so) and os.path.isfile(os.path.join(_SRC_TOP, "spank", "privtmpd_spank.so")):
@@ -273,6 +286,13 @@ def _check_root(root):
     if root and not (root.startswith("/") and os.path.isdir(root)):
         raise InstallError(f"--root {root}: not an absolute path of a directory (the root filesystem to "
                            f"install into)")
+    if root:
+        # Files are written below it as root, through directories made on
+        # the way: a root another user can change could lead them elsewhere.
+        st = os.stat(root)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise InstallError(f"--root {root}: must be root's and writable by root only (it is uid "
+                               f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
     return root.rstrip("/")
 
 

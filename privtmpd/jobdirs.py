@@ -162,10 +162,29 @@ def trash_if_ours(pfd: int, cfg, dname: str, job: int, restart: int, kept: bool 
     """Rename a directory of ours to a trash name (one renameat2 in the
     same directory: O(1) whatever the tree holds), after detaching a
     limit= filesystem still mounted in it.  Returns the trash name, or None
-    when dname is not ours or vanished.  kept: dname is a kept directory
-    (its trash is removed with its owner's rights, see names.trash_name)."""
+    when dname is not ours or vanished.
+
+    A directory whose user could reach it from the host (kept, or a job's
+    under sbcast=yes: its top is not 0700) is closed to 0700 first and gets
+    a kept-trash name, removed with its owner's rights (names.trash_name):
+    its user could have moved other users' files in, which root must not
+    delete for them.  Decided by the directory itself, so a restart or a
+    changed configuration decides the same."""
     if not safefs.is_ours(pfd, dname):
         return None
+    try:
+        fd = os.open(dname, _DIR, dir_fd=pfd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0:
+            return None
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+            kept = True
+    finally:
+        os.close(fd)
     limitfs.umount_limited_fs(cfg.base_parent, dname)
     tname = names.trash_name(cfg.base_name, job, restart, _nonce(), kept)
     if safefs.rename_aside(pfd, dname, tname):

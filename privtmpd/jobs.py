@@ -128,9 +128,9 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
                                           uid, gid, cfg.mode)
         if placement.displaced_ours and on_trash:
             on_trash(cfg.base_parent, placement.displaced_name)
-        if cfg.sbcast:
-            hostpath.open_top_to_owner(pfd, dname, placement.subdirs["tmp"])
     state["displaced"] = placement.displaced
+    if cfg.sbcast:
+        state["sbcast_tmp"] = list(placement.subdirs["tmp"])
     top = dpath
     if limit:
         top = f"{dpath}/{limitfs.LIMITED_FS}"
@@ -143,9 +143,22 @@ def create(cfg, job, restart, uid, gid, user="", on_trash=None, timeout=30.0, li
     namespace.build_and_pin(cfg, job, binds, timeout)
     state["ns"] = list(runstate.pin_identity(cfg, job))
     if ready:
+        open_for_sbcast(cfg, state)
         state["state"] = runstate.STATE_READY
     runstate.write_state(cfg, job, state)
     return state
+
+
+def open_for_sbcast(cfg, state):
+    """sbcast=yes: the job's user reaches $base.J.R/tmp from the host from
+    now on.  Only once the job is ready: after the namespace is built (a
+    mount the user put on the path meanwhile cannot fail the Prolog) and
+    after ns_script= (which must not find the user's links in the job's
+    /tmp).  Teardown closes it again and removes it with the owner's rights
+    (jobdirs.trash_if_ours)."""
+    if cfg.sbcast and isinstance(state.get("sbcast_tmp"), list):
+        with jobdirs.parent_fd(cfg) as pfd:
+            hostpath.open_top_to_owner(pfd, os.path.basename(state["dir"]), state["sbcast_tmp"])
 
 
 def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0):
@@ -303,6 +316,7 @@ class Jobs:
                               note="on_script_error=log: the job starts anyway"))
         if list(runstate.pin_identity(cfg, job) or ()) != st["ns"]:
             raise namespace.NamespaceError(f"job {job}: its namespace pin went away while ns_script ran")
+        open_for_sbcast(cfg, st)
         st["state"] = runstate.STATE_READY
         runstate.write_state(cfg, job, st)
         return protocol.ok(job=job, dir=st["dir"], existing=False), user

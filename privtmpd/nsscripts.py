@@ -41,6 +41,20 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INIT, EPILOG = "ns_script", "ns_epilog"
 
 
+CANCEL_WAIT = 0.5       # seconds a cancelled script may take to die before it is reaped later
+_CANCELLED: set = set()  # pids of killed scripts not reaped yet (stuck in uninterruptible sleep)
+
+
+def _reap_cancelled():
+    for pid in list(_CANCELLED):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                continue
+        except ChildProcessError:
+            pass
+        _CANCELLED.discard(pid)
+
+
 def environment(cfg, kind, state, exit_code=None):
     """The script's whole environment: the job's variables as the Prolog
     sent them (SLURM_*), and what privtmpd made for the job (PRIVTMPD_*)."""
@@ -52,12 +66,17 @@ def environment(cfg, kind, state, exit_code=None):
         "SLURM_JOB_UID": str(state["uid"]),
         "SLURM_JOB_GID": str(state["gid"]),
         "SLURM_JOB_RESTART_COUNT": str(state["restart"]),
-        # The host's path of the job directory: inside the namespace it may
-        # be hidden (base= under a mount point, the default /tmp/slurm).
-        "PRIVTMPD_JOB_DIR": state["dir"],
         "PRIVTMPD_MOUNTS": ":".join(state.get("mounts", [])),
         "PRIVTMPD_SCRIPT_TIMEOUT": f"{cfg.ns_script_timeout:g}",
     }
+    # The job directory's host path, only where it means the same inside
+    # the namespace: under a private mount point (base=/tmp/slurm, the
+    # default) that path names the user's own files there, and a script
+    # writing to it would follow the user's links as root.
+    mounts = [m for m in state.get("mounts", []) if isinstance(m, str)]
+    if isinstance(state.get("dir"), str) and not any(
+            state["dir"] == m or state["dir"].startswith(m.rstrip("/") + "/") for m in mounts):
+        env["PRIVTMPD_JOB_DIR"] = state["dir"]
     if state.get("user"):
         env["SLURM_JOB_USER"] = state["user"]
     if state.get("limit"):
@@ -219,6 +238,7 @@ class ScriptRun:
         other scripts are children of the daemon too)."""
         if self.done:
             return True
+        _reap_cancelled()
         if self.status is None:
             try:
                 res = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -248,10 +268,24 @@ class ScriptRun:
         self.cancelled = reason
         if self.status is None:
             self._kill_group()
-            try:
-                _, self.status = os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                self.status = -1
+            # Not a blocking waitpid(): a script in uninterruptible sleep
+            # (a hung NFS mount) dies only when its syscall ends, and the
+            # daemon's one thread must not wait for that.  Unreaped, it is
+            # left to _reap_cancelled() at the next run's polls.
+            deadline = time.monotonic() + CANCEL_WAIT
+            while self.status is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    self.status = -1
+                    break
+                if pid:
+                    self.status = status
+                elif time.monotonic() >= deadline:
+                    _CANCELLED.add(self.pid)
+                    self.status = -1
+                else:
+                    time.sleep(0.01)
         self.read_output(final=True)
         self._finish()
 

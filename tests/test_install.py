@@ -213,3 +213,20 @@ def test_launcher_after_a_python_upgrade_says_how_to_recreate_the_venv(venv, wor
             assert r.returncode == 1 and r.stdout == ""
             assert "made for Python 3.99" in r.stderr and f"python3 -m venv --clear {venv}" in r.stderr
             assert f"{venv}/bin/privtmpctl install" in r.stderr
+
+
+def test_install_refuses_paths_the_launchers_shell_would_read(tmp_path):
+    """The launchers are shell scripts every Prolog runs as root."""
+    from privtmpd import install
+    for venv in ("/opt/privtmpd env", "/opt/$(reboot)", "/opt/a;b", "relative/venv"):
+        with pytest.raises(install.InstallError, match="accepts only absolute paths"):
+            install.planned_files(venv)
+
+
+def test_install_refuses_a_root_others_can_change(tmp_path):
+    from privtmpd import install
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    with pytest.raises(install.InstallError, match="must be root's and writable by root only"):
+        install.install(root=str(loose))

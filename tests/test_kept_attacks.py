@@ -71,6 +71,28 @@ def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_
             victim_files_left=len(left), attacker_files_left=0, canary_intact=True)
 
 
+def test_sbcast_job_directory_is_removed_with_its_users_rights(daemon_factory, drop):
+    """sbcast=yes opens a running job's directory to its user on the host,
+    as keeping does: the same attack, at the job's end, must leave the
+    victim's file too.  Root removed it before this was fixed."""
+    d = daemon_factory("sbcast=yes")
+    assert d.create(7111, uid=ATTACKER, gid=ATTACKER)["ok"]
+    os.makedirs(f"{drop}/vdir/sub")
+    with open(f"{drop}/vdir/sub/secret", "w") as f:
+        f.write("the victim's\n")
+    for p in (f"{drop}/vdir", f"{drop}/vdir/sub", f"{drop}/vdir/sub/secret"):
+        os.chown(p, VICTIM, VICTIM)
+    os.chmod(f"{drop}/vdir", 0o777)
+    os.chmod(f"{drop}/vdir/sub", 0o755)
+    as_user(ATTACKER, "mv", f"{drop}/vdir", f"{d.job_dir(7111)}/tmp/loot")
+    assert d.destroy(7111)["ok"]
+    wait_for(lambda: "op=remove result=incomplete" in d.log(), timeout=30, what="the job directory's removal")
+    left = [os.path.join(dp, f) for dp, _, fs in os.walk(d.base_parent) for f in fs]
+    assert any(p.endswith("/loot/sub/secret") for p in left), (left, d.log())
+    for p in left:
+        assert os.lstat(p).st_uid == VICTIM, p
+
+
 def test_a_kept_directory_of_the_users_own_is_removed_whatever_its_modes(daemon_factory):
     d = daemon_factory("keep_failed=2s keep_max=1g")
     assert d.create(7102, uid=ATTACKER, gid=ATTACKER)["ok"]

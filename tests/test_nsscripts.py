@@ -334,3 +334,46 @@ def test_doctor_checks_the_scripts(daemon_factory, scripts, tmp_path):
     assert by["ns_script"]["status"] == "FAIL" and "writable by group or others" in by["ns_script"]["detail"]
     assert "chmod go-w" in by["ns_script"]["detail"] and by["ns_script"]["fix"]
     assert by["base directory"]["status"] == "ok"     # a script problem is reported once, as itself
+
+
+def test_the_job_dir_is_not_exported_where_it_names_the_users_files():
+    """Under a private mount point (base=/tmp/slurm, the default), the host
+    path of the job directory names, inside the namespace, a path in the
+    user's own /tmp: a script writing there would follow their links."""
+    from privtmpd import nsscripts
+    cfg = config.parse("base=/tmp/slurm\n", "test")
+    st = {"job": 5, "restart": 0, "uid": 1000, "gid": 1000, "dir": "/tmp/slurm.5.0", "mounts": ["/tmp", "/var/tmp"]}
+    assert "PRIVTMPD_JOB_DIR" not in nsscripts.environment(cfg, nsscripts.INIT, st)
+    st["dir"] = "/var/lib/slurm-jobs/job.5.0"         # outside every private mount point
+    assert nsscripts.environment(cfg, nsscripts.EPILOG, st)["PRIVTMPD_JOB_DIR"] == st["dir"]
+    st["dir"], st["mounts"] = "/tmpx/job.5.0", ["/tmp"]   # a name that only starts like a mount point
+    assert nsscripts.environment(cfg, nsscripts.INIT, st)["PRIVTMPD_JOB_DIR"] == st["dir"]
+
+
+@root
+def test_sbcast_opens_the_job_directory_only_after_ns_script(daemon_factory, scripts):
+    """With sbcast=yes the job's user can reach $base.J.R/tmp from a host
+    shell; while ns_script runs as root in that /tmp, they must not (a link
+    planted there would be followed by root), so the top stays 0700 until
+    the script is done."""
+    import stat as stat_
+    path = scripts("init.sh", 'sleep 1; echo prestaged > /tmp/.prestaged\n')
+    d = daemon_factory(f"ns_script={path} sbcast=yes")
+    modes = []
+    t = threading.Thread(target=lambda: modes.append(create(d, 64)))
+    t.start()
+    seen = []
+    while t.is_alive():
+        try:
+            seen.append(stat_.S_IMODE(os.lstat(d.job_dir(64)).st_mode))
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    t.join()
+    assert modes and modes[0]["ok"], modes
+    # Closed for the whole second the script ran, open only after it.
+    assert seen == sorted(seen) and seen.count(0o700) >= 10 and set(seen) <= {0o700, 0o711}, seen
+    assert stat_.S_IMODE(os.lstat(d.job_dir(64)).st_mode) == 0o711  # open once the job is ready
+    with open(os.path.join(d.job_dir(64), "tmp", ".prestaged")) as f:
+        assert f.read() == "prestaged\n"
+    assert d.destroy(64)["ok"]
