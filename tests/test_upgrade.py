@@ -18,15 +18,16 @@ pytestmark = pytest.mark.root
 NOBODY = 65534
 
 
-def slurm_env(job, restart=0):
+def slurm_env(job, restart=0, kind="prolog"):
     """The environment slurmd gives the Prolog and Epilog (no PATH)."""
     return {"SLURM_JOB_ID": str(job), "SLURM_JOB_UID": str(NOBODY), "SLURM_JOB_GID": str(NOBODY),
             "SLURM_JOB_USER": "nobody", "SLURM_JOB_RESTART_COUNT": str(restart),
-            "SLURM_SCRIPT_CONTEXT": "prolog_slurmd"}
+            "SLURM_SCRIPT_CONTEXT": f"{kind}_slurmd"}
 
 
 def hook(path, socket, job, **kw):
-    return subprocess.Popen([path, "--socket", socket], env=slurm_env(job), stdout=subprocess.PIPE,
+    kind = "epilog" if os.path.basename(path).startswith("epilog") else "prolog"
+    return subprocess.Popen([path, "--socket", socket], env=slurm_env(job, kind=kind), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
