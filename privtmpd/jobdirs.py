@@ -165,11 +165,11 @@ def trash_if_ours(pfd: int, cfg, dname: str, job: int, restart: int, kept: bool 
     when dname is not ours or vanished.
 
     A directory whose user could reach it from the host (kept, or a job's
-    under sbcast=yes: its top is not 0700) is closed to 0700 first and gets
-    a kept-trash name, removed with its owner's rights (names.trash_name):
-    its user could have moved other users' files in, which root must not
-    delete for them.  Decided by the directory itself, so a restart or a
-    changed configuration decides the same."""
+    under sbcast=yes: its top is not 0700) gets a kept-trash name, removed
+    with its owner's rights (names.trash_name): its user could have moved
+    other users' files in, which root must not delete for them.  Decided by
+    the directory itself, so a restart or a changed configuration decides
+    the same.  Its top stays as it is: the owner's remover goes through it."""
     if not safefs.is_ours(pfd, dname):
         return None
     try:
@@ -181,7 +181,6 @@ def trash_if_ours(pfd: int, cfg, dname: str, job: int, restart: int, kept: bool 
         if st.st_uid != 0:
             return None
         if st.st_mode & 0o077:
-            os.fchmod(fd, 0o700)
             kept = True
     finally:
         os.close(fd)
