@@ -174,8 +174,8 @@ def trash_if_ours(pfd: int, cfg, dname: str, job: int, restart: int, kept: bool 
         return None
     try:
         fd = os.open(dname, _DIR, dir_fd=pfd)
-    except OSError:
-        return None
+    except FileNotFoundError:
+        return None         # gone meanwhile; any other error is the caller's (the Epilog fails, is retried)
     try:
         st = os.fstat(fd)
         if st.st_uid != 0:
