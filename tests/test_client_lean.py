@@ -137,7 +137,7 @@ def test_the_hook_kind_comes_from_slurmd_or_the_link_chain(tmp_path, fake_daemon
     nothing tears down: the kind is never guessed from a name like
     /etc/slurm/epilog.d/50-privtmpd."""
     path, serve, got = fake_daemon
-    t = serve(b'{"ok":true}\n')
+    t = serve(b'{"ok":true}\n') if op else None     # a refused hook never connects
     hook = tmp_path / "50-privtmpd"
     hook.symlink_to(os.path.join(REPO, "scripts", link_to))
     env = dict(ENV, **({"SLURM_SCRIPT_CONTEXT": ctx} if ctx else {}))
