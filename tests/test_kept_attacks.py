@@ -40,12 +40,9 @@ def drop():
     subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
 
 
-def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_factory, drop, figures):
-    d = daemon_factory("keep_failed=3s keep_max=1g")
-    assert d.create(7101, uid=ATTACKER, gid=ATTACKER)["ok"]
-    kept = _kept_path(d, 7101)
-    # The victim's files: a directory anyone may move (0777), and in it one
-    # that only the victim may change.
+def victims_dir(drop):
+    """The victim's files in drop: a directory anyone may move (0777), and
+    in it one that only the victim may change."""
     os.makedirs(f"{drop}/vdir/sub")
     with open(f"{drop}/vdir/sub/secret", "w") as f:
         f.write("the victim's\n")
@@ -53,6 +50,13 @@ def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_
         os.chown(p, VICTIM, VICTIM)
     os.chmod(f"{drop}/vdir", 0o777)
     os.chmod(f"{drop}/vdir/sub", 0o755)
+
+
+def test_removing_a_kept_directory_never_deletes_what_its_user_could_not(daemon_factory, drop, figures):
+    d = daemon_factory("keep_failed=3s keep_max=1g")
+    assert d.create(7101, uid=ATTACKER, gid=ATTACKER)["ok"]
+    kept = _kept_path(d, 7101)
+    victims_dir(drop)
     assert as_user(ATTACKER, "rm", "-rf", f"{drop}/vdir/sub", check=False).returncode != 0
     assert os.path.exists(f"{drop}/vdir/sub/secret")
     # The attacker's own files, some behind modes they set themselves.
@@ -77,13 +81,7 @@ def test_sbcast_job_directory_is_removed_with_its_users_rights(daemon_factory, d
     victim's file too.  Root removed it before this was fixed."""
     d = daemon_factory("sbcast=yes")
     assert d.create(7111, uid=ATTACKER, gid=ATTACKER)["ok"]
-    os.makedirs(f"{drop}/vdir/sub")
-    with open(f"{drop}/vdir/sub/secret", "w") as f:
-        f.write("the victim's\n")
-    for p in (f"{drop}/vdir", f"{drop}/vdir/sub", f"{drop}/vdir/sub/secret"):
-        os.chown(p, VICTIM, VICTIM)
-    os.chmod(f"{drop}/vdir", 0o777)
-    os.chmod(f"{drop}/vdir/sub", 0o755)
+    victims_dir(drop)
     as_user(ATTACKER, "mv", f"{drop}/vdir", f"{d.job_dir(7111)}/tmp/loot")
     assert d.destroy(7111)["ok"]
     wait_for(lambda: "op=remove result=incomplete" in d.log(), timeout=30, what="the job directory's removal")
