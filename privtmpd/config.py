@@ -91,7 +91,7 @@ class Config:
         return dict(self.mount_options).get(mount, ())
 
     def tmpfs_size(self, mount):
-        """tmpfs= size of mount ("4g", "10%"), or "" for a directory under base."""
+        """tmpfs= size of mount ("4g", "10%", "job:50%"), or "" for a directory under base."""
         return dict(self.tmpfs).get(mount, "")
 
 
@@ -126,6 +126,18 @@ def _size(value, max_digits=15):
     if not (num.isascii() and num.isdigit()) or len(num) > max_digits or int(num) == 0:
         return None
     return "size", int(num) * _SIZE_SUFFIX[unit], f"{int(num)}{unit}"
+
+
+def _job_share(value, shown, example, where):
+    """"job:N%" for job or job:N% (job alone is all of it): a tmpfs the
+    daemon mounts at N% of the RAM and the entry helper, which knows the
+    job's memory on the node (S_JOB_ALLOC_MEM), resizes to N% of that in
+    the job's first task (namespace.job_share_source marks it)."""
+    pct = value.strip().lower()[4:] or "100%"
+    parsed = _size(pct) if pct.endswith("%") else None
+    if parsed is None:
+        raise ConfigError(f"{where}: {shown}: the share after 'job:' is a percentage of 1%..100% ({example})")
+    return f"job:{parsed[2]}"
 
 
 def _parse_size(value, where):
@@ -220,12 +232,7 @@ def parse(text, source="<string>"):
         if v.lower() in ("no", "none", "off", ""):
             kw["shm"] = ""
         elif v == "job" or v.startswith("job:"):
-            # Sized per job by the entry helper (plugin argument shm=N%)
-            # from the job's memory on the node; until then N% of the RAM.
-            pct = v[4:] or "100%"
-            if not pct.endswith("%"):
-                raise ConfigError(f"{at('shm')}: shm={v!r}: the share after 'job:' is a percentage (shm=job:50%)")
-            kw["shm"] = "job:" + _parse_size(pct, at("shm"))
+            kw["shm"] = _job_share(v, f"shm={v!r}", "shm=job:50%", at("shm"))
         else:
             kw["shm"] = _parse_size(v, at("shm"))
     if "keep_failed" in values:
@@ -443,9 +450,13 @@ def _parse_tmpfs_size(value, m, where):
     """A tmpfs size= as the kernel takes it: bytes with k/m/g/t, or N% of RAM."""
     shown = f"tmpfs={m}:{value}"
     v = value.strip().lower()
-    if v.startswith("job"):
-        raise ConfigError(f"{where}: {shown}: sizing from the job's memory is only available for "
-                          f"/dev/shm (shm=job:N%); give a size such as 4g or a share of RAM such as 10%")
+    if v == "job" or v.startswith("job:"):
+        if any(c in m for c in " \t\\"):
+            # The entry helper finds the mount by its line in
+            # /proc/self/mountinfo, which escapes these characters.
+            raise ConfigError(f"{where}: {shown}: a mount point sized from the job's memory cannot contain "
+                              f"a space, a tab or a backslash; give a fixed size or rename the mount point")
+        return _job_share(value, shown, f"tmpfs={m}:job:50%", where)
     parsed = _size(value)
     if parsed is None and v.endswith("%"):
         raise ConfigError(f"{where}: {shown}: a share of the node's RAM must be 1%..100%")

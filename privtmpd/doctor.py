@@ -433,6 +433,12 @@ class Doctor:
         if args.get("tmpdir", "/tmp") != cfg.tmpdir_value:
             warnings.append((f"{ps} gives tmpdir={args.get('tmpdir', '/tmp (default)')}, privtmpd.conf says "
                              f"{cfg.tmpdir_value}", f"use: {plugstack_line(cfg, so)}"))
+        if "shm" in args:
+            # The share of the job's memory comes from the daemon's mount
+            # now (resize_job_tmpfs in the entry helper): one place to set it.
+            warnings.append((f"{ps} gives shm={args['shm']}, which the entry helper ignores: the share of the "
+                             f"job's memory comes from privtmpd.conf (shm=job:N%, tmpfs=<dir>:job:N%)",
+                             f"drop shm= from that line; privtmpd.conf says shm={cfg.shm or 'no'}"))
         if kind != "required":
             warnings.append((f"listed as {kind}: if it cannot load, tasks run on the host /tmp",
                              "use required"))
@@ -550,25 +556,37 @@ class Doctor:
     def check_tmpfs_sizes(self):
         """tmpfs= pages are RAM (or swap): sizes that add up to more than
         the node has let one job's /tmp take the memory other jobs and
-        slurmd need.  Counted per job: every job gets all of them."""
+        slurmd need.  Counted per job: every job gets all of them.  Shares
+        of the job's memory (job:N%, with shm=job:N%) are charged to the
+        job's own memory cgroup: above 100% in all, its files can take all
+        of its memory and the job is killed for it."""
         cfg = self.cfg
         if not cfg.tmpfs:
             return
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        total = 0
+        total = job_share = 0
         for _, size in cfg.tmpfs:
-            if size.endswith("%"):
+            if size.startswith("job:"):
+                job_share += int(size[4:-1])
+            elif size.endswith("%"):
                 total += ram * int(size[:-1]) // 100
             else:
-                unit = size[-1:] if size[-1:] in "kmgt" else ""
-                total += int(size[:-1] if unit else size) * config._SIZE_SUFFIX[unit]
+                total += config._size(size)[1]
         shown = ", ".join(f"{m}={size}" for m, size in cfg.tmpfs)
+        if cfg.shm.startswith("job:"):
+            job_share += int(cfg.shm[4:-1])
         if total > ram:
             self.add("tmpfs mount points", WARN, f"tmpfs= sizes ({shown}) add up to {total >> 20} MiB per job, "
                      f"more than this node's {ram >> 20} MiB of RAM: one job's files can push the node into swap "
                      f"or the OOM killer", "lower the sizes (a share such as 10% follows each node's RAM)")
+        elif job_share > 100:
+            self.add("tmpfs mount points", WARN, f"shares of the job's memory ({shown}"
+                     + (f", shm={cfg.shm}" if cfg.shm.startswith("job:") else "")
+                     + f") add up to {job_share}%: a job's files can take all of its memory, and the OOM killer "
+                     f"ends the job", "lower the shares so that they add up to 100% at most")
         else:
-            self.add("tmpfs mount points", OK, f"{shown}: {total >> 20} MiB per job at most, of {ram >> 20} MiB RAM")
+            self.add("tmpfs mount points", OK, f"{shown}: {total >> 20} MiB per job at most, of {ram >> 20} MiB RAM"
+                     + (f", plus {job_share}% of the job's memory" if job_share else ""))
 
     def check_sbcast(self):
         """sbcast=yes needs three things to agree: privtmpd.conf (the job

@@ -33,9 +33,27 @@ def extra_flags(cfg, mount):
     return flags
 
 
+# The mount source of a tmpfs sized from the job's memory (tmpfs=<dir>:job:N%,
+# shm=job:N%).  The daemon cannot know the job's memory on the node when the
+# Prolog runs, so it mounts N% of the RAM; the entry helper finds these
+# mounts by this source in the job's /proc/self/mountinfo and resizes each
+# to N% of S_JOB_ALLOC_MEM in the job's first task.  The mark cannot be
+# forged: the pinned namespace belongs to the initial user namespace, so
+# only root on the host can mount in it.  spank/privtmpd_spank.c reads the
+# same format.
+JOB_SHARE_SOURCE = "privtmpd-job:{}"
+
+
+def tmpfs_source(size):
+    """The mount source for a tmpfs of this size= ("tmpfs", or the
+    entry helper's mark for a share of the job's memory)."""
+    return JOB_SHARE_SOURCE.format(size[4:]) if size.startswith("job:") else "tmpfs"
+
+
 def tmpfs_data(size):
-    """The tmpfs mount data for a tmpfs= size ("4g", "10%")."""
-    return f"size={size},mode={TMPFS_MODE},uid=0,gid=0"
+    """The tmpfs mount data for a tmpfs= size ("4g", "10%", "job:50%": 50%
+    of the RAM until the entry helper resizes it)."""
+    return f"size={size.removeprefix('job:')},mode={TMPFS_MODE},uid=0,gid=0"
 
 
 def disk_mounts(cfg, mounts):
@@ -44,19 +62,19 @@ def disk_mounts(cfg, mounts):
 
 
 def tmpfs_plan(cfg):
-    """[(mount point, tmpfs data, extra flags)] for every tmpfs= point."""
-    return [(m, tmpfs_data(cfg.tmpfs_size(m)), extra_flags(cfg, m)) for m in sorted(cfg.mounts)
-            if cfg.tmpfs_size(m)]
+    """[(mount point, tmpfs size, extra flags)] for every tmpfs= point."""
+    return [(m, cfg.tmpfs_size(m), extra_flags(cfg, m)) for m in sorted(cfg.mounts) if cfg.tmpfs_size(m)]
 
 
-def mount_tmpfs(target_fd, data, extra):
-    """Mount a fresh tmpfs on the directory open at target_fd (an O_PATH fd
-    opened with O_NOFOLLOW before anything was mounted: the mount lands on
-    that inode, never on whatever a path resolves to later).  Runs in the
-    namespace thread, so the tmpfs exists only in the job's namespace: no
-    file of it is ever on the host's disk, and it is freed when the
-    namespace is (unpinned, last process gone)."""
-    kernel.mount("tmpfs", f"/proc/self/fd/{target_fd}", "tmpfs", ALWAYS | extra, data)
+def mount_tmpfs(target, size, extra):
+    """Mount a fresh tmpfs on target: the directory open at an O_PATH fd
+    opened with O_NOFOLLOW before anything was mounted (the mount lands on
+    that inode, never on whatever a path resolves to later), or /dev/shm.
+    Runs in the namespace thread, so the tmpfs exists only in the job's
+    namespace: no file of it is ever on the host's disk, and it is freed
+    when the namespace is (unpinned, last process gone)."""
+    where = target if isinstance(target, str) else f"/proc/self/fd/{target}"
+    kernel.mount(tmpfs_source(size), where, "tmpfs", ALWAYS | extra, tmpfs_data(size))
 
 
 def is_tmpfs_state(state, mount):

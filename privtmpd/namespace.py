@@ -70,7 +70,7 @@ def _setup_in(binds, shm, opened, tmpfs=()):
     """Runs in the namespace thread: unshare, rslave, bind, remount, mount
     the tmpfs= points.  Every fd it opens is appended to `opened` (the fd
     table is the daemon's).  binds: (target, source path, dev, ino[, extra
-    MS_* flags]); tmpfs: (target, mount data, extra MS_* flags)."""
+    MS_* flags]); tmpfs: (target, tmpfs= size, extra MS_* flags)."""
     # The thread shares the daemon's fd table and memory but not, after
     # this, its mount namespace or fs_struct (CLONE_NEWNS implies CLONE_FS;
     # only CLONE_VM/SIGHAND/THREAD/NEWUSER are refused to threads).  The
@@ -90,10 +90,10 @@ def _setup_in(binds, shm, opened, tmpfs=()):
         opened.append(tgt)
         pairs.append((target, src, tgt, extra[0] if extra else 0))
     fresh = []
-    for target, data, extra in tmpfs:
+    for target, size, extra in tmpfs:
         tgt = safefs.open_dir(target, safefs.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         opened.append(tgt)
-        fresh.append((tgt, data, extra))
+        fresh.append((tgt, size, extra))
     for target, src, tgt, extra in pairs:
         # mount_options= only adds flags: the source's own (a noexec or
         # read-only filesystem, flags locked by a user namespace) are kept,
@@ -106,13 +106,11 @@ def _setup_in(binds, shm, opened, tmpfs=()):
         top = safefs.open_verified(target, st.st_dev, st.st_ino)
         opened.append(top)
         kernel.mount(None, f"/proc/self/fd/{top}", None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
-    for tgt, data, extra in fresh:
-        mountopts.mount_tmpfs(tgt, data, extra)
+    for tgt, size, extra in fresh:
+        mountopts.mount_tmpfs(tgt, size, extra)
     if shm:
-        # shm=job:N%: N% of the RAM until the entry helper, which knows the
-        # job's memory on this node, resizes it in the job's first task.
-        kernel.mount("tmpfs", "/dev/shm", "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV,
-                     f"size={shm.removeprefix('job:')},mode=1777")
+        # shm=job:N% is marked like tmpfs=<dir>:job:N% for the entry helper.
+        mountopts.mount_tmpfs("/dev/shm", shm, 0)
     # /proc/thread-self: /proc/self would name the main thread's namespace.
     return os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -170,7 +168,7 @@ class _NamespaceThread(threading.Thread):
 def build_namespace(binds, shm, timeout=30.0, cpu=None, tmpfs=()):
     """A new mount namespace, a rslave copy of the host's with binds
     (target, source path, dev, ino[, extra flags]) mounted, tmpfs (target,
-    data, extra flags) mounted and shm's tmpfs; returns an O_RDONLY fd on
+    tmpfs= size, extra flags) mounted and shm's tmpfs; returns an O_RDONLY fd on
     it.  cpu: build it on that CPU (see build_and_pin)."""
     t = _NamespaceThread(binds, shm, cpu, tmpfs)
     t.start()

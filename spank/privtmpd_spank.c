@@ -17,14 +17,15 @@
  * error from this callback and starts the task anyway, on the shared host
  * /tmp.  A negative value fails the task, the only safe outcome.
  *
- * plugstack.conf (tmpdir=none leaves TMPDIR alone; shm=N% with the
- * daemon's shm=job:N% sizes the job's private /dev/shm to N% of the job's
- * memory on this node):
+ * plugstack.conf (tmpdir=none leaves TMPDIR alone; shm=N% is accepted and
+ * ignored: the share now comes from privtmpd.conf, see resize_job_tmpfs):
  *   required /usr/local/lib/privtmpd/privtmpd_spank.so rundir=/run/privtmpd tmpdir=/tmp
  */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <sys/mount.h>
+#include <sys/statvfs.h>
+#include <sys/sysmacros.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <slurm/spank.h>
@@ -81,31 +82,6 @@ static int ask_create(spank_t sp, const char *rundir, uint32_t jobid)
 	return -1;
 }
 
-/*
- * The job's /dev/shm must be a tmpfs of its own (mountinfo root "/"):
- * MS_REMOUNT changes the whole superblock, so a bind of a directory of
- * some other filesystem (mount=/dev/shm) would resize that filesystem for
- * every job on the node.  The last matching line is the mount on top.
- */
-static int shm_is_own_tmpfs(void)
-{
-	char line[4096], root[PATH_MAX], mp[PATH_MAX], fstype[64], *dash;
-	FILE *f = fopen("/proc/self/mountinfo", "re");
-	int ok = 0;
-
-	if (!f)
-		return 0;
-	while (fgets(line, sizeof(line), f)) {
-		dash = strstr(line, " - ");
-		if (dash && sscanf(line, "%*d %*d %*s %4095s %4095s", root, mp) == 2
-		    && sscanf(dash + 3, "%63s", fstype) == 1
-		    && !strcmp(mp, "/dev/shm"))
-			ok = !strcmp(root, "/") && !strcmp(fstype, "tmpfs");
-	}
-	fclose(f);
-	return ok;
-}
-
 /* create=yes: a missing pin is asked for, then opened again. */
 static int open_or_create_pin(spank_t sp, struct pin *p,
 			      const struct entry_args *a, uint32_t jobid)
@@ -151,65 +127,78 @@ static int set_host_tmp(spank_t sp, const char *base, uint32_t jobid,
 		ESPANK_SUCCESS ? -1 : 0;
 }
 
-struct shm_plan {
-	unsigned long percent;  /* shm=N%; 0: leave /dev/shm alone */
-	uint64_t mem;           /* the job's memory on this node, MB */
-	struct stat host;       /* the host's /dev/shm, to tell it apart */
-};
-
-/* shm=N%, before setns(): the job's memory on this node (0 when Slurm does
- * not track memory, and /dev/shm keeps the daemon's size) and the identity
- * of the host's /dev/shm. */
-static int plan_shm(spank_t sp, struct shm_plan *s, struct pin *p)
+/*
+ * tmpfs=<dir>:job:N% and shm=job:N% in privtmpd.conf: the daemon cannot know
+ * the job's memory on this node when the Prolog runs, so it mounts N% of the
+ * RAM with the source "privtmpd-job:N%"; here, in the namespace, each such
+ * mount is resized to N% of S_JOB_ALLOC_MEM.  The mark cannot be forged:
+ * the pinned namespace belongs to the initial user namespace, so only root
+ * on the host mounts in it.  Only a tmpfs mounted whole (root "/") is
+ * resized, since MS_REMOUNT changes the superblock; and only the mount the
+ * job sees at that path (its device is the one stat() finds).  The first
+ * task resizes, later ones find the size right and leave it: shrinking
+ * under files already written would fail with EINVAL.
+ */
+static int resize_job_tmpfs(uint64_t mem_mb, struct pin *p)
 {
-	if (!s->percent)
+	static char what[PATH_MAX + 48];
+	char line[4096], root[PATH_MAX], mp[PATH_MAX], fstype[16], src[32];
+	char opt[32], *dash;
+	unsigned int maj, min;
+	unsigned long pct;
+	uint64_t mb;
+	struct stat st;
+	struct statvfs vfs;
+	int n, err = 0;
+	FILE *f;
+
+	if (!mem_mb)    /* Slurm does not track memory: keep N% of the RAM */
 		return 0;
-	p->what = "cannot get the job's memory (S_JOB_ALLOC_MEM)";
-	errno = EINVAL;
-	if (spank_get_item(sp, S_JOB_ALLOC_MEM, &s->mem) != ESPANK_SUCCESS)
+	p->what = "cannot read the job's /proc/self/mountinfo";
+	f = fopen("/proc/self/mountinfo", "re");
+	if (!f)
 		return -1;
-	p->what = "cannot stat the host's /dev/shm";
-	return stat("/dev/shm", &s->host);
+	while (!err && fgets(line, sizeof(line), f)) {
+		n = 0;
+		dash = strstr(line, " - ");
+		if (!dash || sscanf(line, "%*d %*d %u:%u %4095s %4095s", &maj,
+				    &min, root, mp) != 4 ||
+		    sscanf(dash + 3, "%15s %31s", fstype, src) != 2 ||
+		    strcmp(fstype, "tmpfs") || strcmp(root, "/") ||
+		    sscanf(src, "privtmpd-job:%lu%%%n", &pct, &n) != 1 ||
+		    !n || src[n] || pct < 1 || pct > 100)
+			continue;
+		snprintf(what, sizeof(what), "cannot resize the job's tmpfs "
+			 "at %s", mp);
+		p->what = what;
+		if (stat(mp, &st) < 0 || statvfs(mp, &vfs) < 0) {
+			err = -1;
+			break;
+		}
+		if (major(st.st_dev) != maj || minor(st.st_dev) != min)
+			continue;       /* covered by another mount */
+		mb = mem_mb * pct / 100;
+		mb = mb ? mb : 1;       /* size=0 would mean unlimited */
+		if ((uint64_t)vfs.f_blocks * vfs.f_frsize == mb << 20)
+			continue;
+		snprintf(opt, sizeof(opt), "size=%llum", (unsigned long long)mb);
+		/* A remount sets every per-mount flag: keep noexec, ro and the
+		 * atime flags the daemon gave (ST_* equal MS_* for these). */
+		err = mount(NULL, mp, NULL, MS_REMOUNT | MS_NOSUID | MS_NODEV |
+			    (vfs.f_flag & (ST_RDONLY | ST_NOEXEC | ST_NOATIME |
+					   ST_NODIRATIME)), opt);
+	}
+	fclose(f);
+	return err;
 }
 
-/* After setns(): size the job's own /dev/shm to its share of the memory. */
-static int resize_job_shm(const struct shm_plan *s, struct pin *p)
-{
-	struct stat job;
-	char opt[32];
-	uint64_t mb = s->mem * s->percent / 100;
-
-	if (!s->percent || !s->mem)
-		return 0;
-	p->what = "cannot stat /dev/shm in the job";
-	if (stat("/dev/shm", &job) < 0)
-		return -1;
-	/* Remounting the host's tmpfs would resize it for the node. */
-	p->what = "/dev/shm in the job is the host's (set shm=job:N% in "
-		"privtmpd.conf)";
-	errno = EEXIST;
-	if (job.st_dev == s->host.st_dev)
-		return -1;
-	p->what = "/dev/shm in the job is not a tmpfs of its own (use "
-		"shm=job:N% in privtmpd.conf, not mount=/dev/shm)";
-	errno = EINVAL;
-	if (!shm_is_own_tmpfs())
-		return -1;
-	p->what = "cannot resize the job's /dev/shm";
-	/* size=0 would mean unlimited: at least 1 MB. */
-	snprintf(opt, sizeof(opt), "size=%llum",
-		 (unsigned long long)(mb ? mb : 1));
-	return mount(NULL, "/dev/shm", NULL, MS_REMOUNT | MS_NOSUID | MS_NODEV,
-		     opt);
-}
-
-/* Open and check everything first; setns() is the last step but for the
- * job's own /dev/shm.  slurmstepd chdir()s to the job's working directory
+/* Open and check everything first; setns() is the last step but for
+ * sizing the job's own tmpfs mounts.  slurmstepd chdir()s to the job's working directory
  * after this callback. */
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
 	struct entry_args args;
-	struct shm_plan shm = { 0 };
+	uint64_t mem_mb = 0;
 	struct pin pin;
 	const char *bad;
 	uint32_t jobid = 0;
@@ -229,16 +218,17 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 			    "create=yes; fix plugstack.conf)", jobid, bad);
 		return -1;
 	}
-	shm.percent = args.shm;
+	/* 0 (no resize) where Slurm does not track the job's memory. */
+	if (spank_get_item(sp, S_JOB_ALLOC_MEM, &mem_mb) != ESPANK_SUCCESS)
+		mem_mb = 0;
 	ok = pin_init(&pin, args.rundir, jobid) == 0 &&
 		open_pin_dir(&pin) >= 0 &&
 		open_or_create_pin(sp, &pin, &args, jobid) >= 0 &&
 		check_pin(&pin) == 0 &&
 		set_tmpdir(sp, args.tmpdir, &pin) == 0 &&
 		set_host_tmp(sp, args.host_tmp, jobid, &pin) == 0 &&
-		plan_shm(sp, &shm, &pin) == 0 &&
 		enter_pin(&pin) == 0 &&
-		resize_job_shm(&shm, &pin) == 0;
+		resize_job_tmpfs(mem_mb, &pin) == 0;
 	if (!ok)
 		slurm_error(LOG PIN_FMT, PIN_ARGS(&pin));
 	close_pin(&pin);

@@ -17,10 +17,11 @@ U1, U2 = "privtmp1", "privtmp2"
 
 @pytest.fixture(scope="module")
 def stack():
-    s = Stack("feat", daemon_extra="shm=job:50% keep_failed=1h keep_max=1g limit=32m",
+    # The entry helper sizes /dev/shm and /var/tmp from the job's memory on
+    # the node: the shares are privtmpd.conf's alone (nothing in plugstack).
+    s = Stack("feat", daemon_extra="shm=job:50% keep_failed=1h keep_max=1g limit=32m "
+              "tmpfs=/var/tmp:job:25% mount_options=/var/tmp:noexec",
               extra_conf="SelectTypeParameters=CR_Core_Memory")
-    # The entry helper sizes /dev/shm: half of the job's memory on the node.
-    s.cluster.plugstack_lines = [line + " shm=50%" for line in s.cluster.plugstack_lines]
     s.start()
     yield s
     s.stop()
@@ -36,10 +37,16 @@ def test_dev_shm_follows_the_jobs_memory(stack):
     c = stack.cluster
     host_st = os.stat("/dev/shm")
     r = c.srun(U1, ["--mem=200", "sh", "-c", "stat -f -c '%b %S' /dev/shm; stat -c '%a %d' /dev/shm; "
-                    "echo x > /dev/shm/seg && echo wrote"])
+                    "echo x > /dev/shm/seg && echo wrote; stat -f -c 'vt %b %S' /var/tmp; "
+                    "grep ' /var/tmp ' /proc/self/mountinfo"])
     assert r.returncode == 0, r.stderr + c.logs()
     lines = r.stdout.splitlines()
     assert _shm_mb(lines[0]) == 100, r.stdout           # 50% of --mem=200
+    vt = [line[3:] for line in lines if line.startswith("vt ")]
+    assert [_shm_mb(v) for v in vt] == [50], r.stdout   # tmpfs=/var/tmp:job:25%
+    # The resize kept mount_options=/var/tmp:noexec and the nosuid,nodev.
+    opts = [line.split()[5].split(",") for line in lines if " /var/tmp " in line][-1]
+    assert {"noexec", "nosuid", "nodev"} <= set(opts), r.stdout
     mode, dev = lines[1].split()
     assert mode == "1777" and int(dev) != host_st.st_dev  # the job's own tmpfs
     assert "wrote" in r.stdout
@@ -49,12 +56,14 @@ def test_dev_shm_follows_the_jobs_memory(stack):
 def test_dev_shm_size_per_job_and_enospc_at_the_limit(stack):
     c = stack.cluster
     r = c.srun(U2, ["--mem=64", "-n2", "sh", "-c",
-                    "stat -f -c 'shm %b %S' /dev/shm; "
+                    "stat -f -c 'shm %b %S' /dev/shm; stat -f -c 'vt %b %S' /var/tmp; "
                     "[ $SLURM_PROCID = 0 ] && { dd if=/dev/zero of=/dev/shm/big bs=1M count=64 2>&1; "
                     "echo dd=$?; } ; true"])
     assert r.returncode == 0, r.stderr + c.logs()
     sizes = [line[4:] for line in r.stdout.splitlines() if line.startswith("shm ")]
     assert [_shm_mb(s) for s in sizes] == [32, 32], r.stdout   # both tasks: same tmpfs, same size
+    sizes = [line[3:] for line in r.stdout.splitlines() if line.startswith("vt ")]
+    assert [_shm_mb(s) for s in sizes] == [16, 16], r.stdout
     assert "No space left on device" in r.stdout and "dd=1" in r.stdout
 
 
@@ -138,8 +147,9 @@ echo BATCH: $(ls /tmp | tr "\\n" " ") TMPDIR=$TMPDIR
 
 
 def test_helper_never_resizes_the_hosts_dev_shm(stack):
-    """shm=50% for the helper, but a daemon without shm=job: the job's
-    /dev/shm is the host's, and the task fails rather than resize it."""
+    """A daemon without shm=job: the job's /dev/shm is the host's, carries
+    no mark, and the helper leaves it alone, even with the old plugin
+    argument shm=50% (now ignored)."""
     from harness import DaemonProc
     c = stack.cluster
     other = DaemonProc("feat-noshm").start()
@@ -147,10 +157,10 @@ def test_helper_never_resizes_the_hosts_dev_shm(stack):
     before = os.statvfs("/dev/shm").f_blocks
     try:
         c.write_plugstack([f"required {stack.so} rundir={other.rundir} tmpdir=/tmp shm=50% create=yes"])
-        r = c.srun(U1, ["--mem=64", "echo", "RAN"])
+        r = c.srun(U1, ["--mem=64", "stat", "-c", "%d", "/dev/shm"])
     finally:
         c.write_plugstack(lines)
         other.cleanup()
-    assert r.returncode != 0 and "RAN" not in r.stdout
-    assert "/dev/shm in the job is the host's" in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr + c.logs()
+    assert int(r.stdout) == os.stat("/dev/shm").st_dev           # the host's, as configured
     assert os.statvfs("/dev/shm").f_blocks == before

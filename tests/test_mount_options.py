@@ -30,6 +30,8 @@ def test_options_and_tmpfs_parse():
     assert cfg.options_of("/tmp") == ("noexec", "nosuid")
     assert cfg.tmpfs_size("/var/tmp") == "4g" and cfg.tmpfs_size("/tmp") == ""
     assert config.parse("tmpfs=/tmp:10%").tmpfs_size("/tmp") == "10%"
+    assert config.parse("tmpfs=/tmp:JOB:25%").tmpfs_size("/tmp") == "job:25%"
+    assert config.parse("tmpfs=/tmp:job").tmpfs_size("/tmp") == "job:100%"
     # Keys may come before the mount= they name; the longest mount= wins.
     cfg = config.parse("mount_options=/a:b:noexec\nmount=/a:b mount=/a\n")
     assert cfg.options_of("/a:b") == ("noexec",) and cfg.options_of("/a") == ()
@@ -52,7 +54,10 @@ def test_options_and_tmpfs_parse():
     ("tmpfs=/tmp:512k", "at least 1m"),
     ("tmpfs=/tmp:0%", "1%..100%"),
     ("tmpfs=/tmp:150%", "1%..100%"),
-    ("tmpfs=/tmp:job:50%", "only available for /dev/shm"),
+    ("tmpfs=/tmp:job:50", "the share after 'job:' is a percentage"),
+    ("tmpfs=/tmp:job:0%", "1%..100%"),
+    ("tmpfs=/tmp:job:4g", "the share after 'job:' is a percentage"),
+    ("mount=/a\\b tmpfs=/a\\b:job:10%", "cannot contain a space, a tab or a backslash"),
     ("tmpfs=/tmp:4g tmpfs=/tmp:2g", "given twice"),
     ("mount=/tmp\ntmpfs=/tmp:4g limit=1g", "every mount point is a tmpfs="),
 ])
@@ -213,6 +218,24 @@ def test_tmpfs_share_of_ram(daemon_factory):
 
 
 @root
+def test_tmpfs_share_of_the_jobs_memory_is_marked_for_the_entry_helper(daemon_factory):
+    """tmpfs=<dir>:job:N%: N% of the RAM until the entry helper resizes it,
+    with the mark it finds the mount by (the Slurm tests resize it)."""
+    d = daemon_factory("tmpfs=/var/tmp:job:30% shm=job:20% mount_options=/var/tmp:noexec")
+    d.create(322)
+    lines = nsenter(d.pin(322), "cat", "/proc/self/mountinfo").stdout.splitlines()
+    mine = {ln.split()[4]: ln for ln in lines}
+    assert " - tmpfs privtmpd-job:30% " in mine["/var/tmp"], mine["/var/tmp"]
+    assert " - tmpfs privtmpd-job:20% " in mine["/dev/shm"], mine["/dev/shm"]
+    assert "noexec" in mine["/var/tmp"].split()[5]
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    out = nsenter(d.pin(322), "stat", "-f", "-c", "%b %S", "/var/tmp").stdout.split()
+    assert abs(int(out[0]) * int(out[1]) - total * 30 // 100) < 1 << 20
+    assert os.listdir(d.job_dir(322)) == ["tmp"]
+    d.destroy(322)
+
+
+@root
 def test_tmpfs_with_keep_failed_keeps_the_disk_points_and_says_so(daemon_factory):
     d = daemon_factory("tmpfs=/tmp:8m keep_failed=1h")
     d.create(331)
@@ -312,6 +335,12 @@ def test_doctor_tmpfs_sizes_against_ram(tmp_path):
     assert r.status == "warn" and "more than this node's" in r.detail
     conf.write_text("mount=/tmp mount=/var/tmp tmpfs=/tmp:10% tmpfs=/var/tmp:1m\n")
     assert _doctor(str(conf), "/dev/null", "check_tmpfs_sizes").status == "ok"
+    conf.write_text("mount=/tmp mount=/var/tmp tmpfs=/tmp:job:60% tmpfs=/var/tmp:1g shm=job:50%\n")
+    r = _doctor(str(conf), "/dev/null", "check_tmpfs_sizes")
+    assert r.status == "warn" and "add up to 110%" in r.detail, r
+    conf.write_text("mount=/tmp mount=/var/tmp tmpfs=/tmp:job:50% shm=job:50%\n")
+    r = _doctor(str(conf), "/dev/null", "check_tmpfs_sizes")
+    assert r.status == "ok" and "plus 100% of the job's memory" in r.detail, r
 
 
 @root
@@ -382,3 +411,21 @@ def test_options_apply_to_a_limit_image_too(daemon_factory):
     assert nsenter(pin, "stat", "-f", "-c", "%T", "/var/tmp").stdout.strip() == "tmpfs"
     assert sorted(os.listdir(f"{d.job_dir(371)}/fs")) == ["lost+found", "tmp"]
     d.destroy(371)
+
+
+def test_doctor_says_the_entry_helpers_shm_argument_is_ignored(tmp_path):
+    """shm=N% on the entry helper's line came from the old way of sizing
+    /dev/shm; the share is privtmpd.conf's now, and doctor says so."""
+    from privtmpd import doctor as doc
+    from privtmpd.install import spank_path
+    so = spank_path()
+    assert so, "the entry helper is not built (make -C spank)"
+    conf = tmp_path / "p.conf"
+    conf.write_text("base=/tmp/slurm\nmount=/tmp\nshm=job:25%\n")
+    ps = tmp_path / "plugstack.conf"
+    ps.write_text(f"required {so} rundir=/run/privtmpd tmpdir=/tmp shm=50%\n")
+    d = doc.Doctor(str(conf), "/dev/null")
+    assert d.check_config(), d.results
+    d._check_plugstack(str(ps))
+    r = [r for r in d.results if r.name == "entry helper"][-1]
+    assert "shm=50%, which the entry helper ignores" in r.detail and "shm=job:25%" in r.fix, r
