@@ -660,7 +660,11 @@ class TreeWalk:
         if not is_dir:
             try:
                 if self._sizes:
-                    nbytes = lstat_at(fd, nm).st_blocks * 512
+                    # A name of a file with other names frees nothing: its
+                    # blocks are counted at the last one (nlink 1), so a
+                    # file linked 100 times is one file's size, not 100.
+                    st = lstat_at(fd, nm)
+                    nbytes = st.st_blocks * 512 if st.st_nlink <= 1 else 0
                     if budget is not None:
                         budget.charge(nbytes)
                     _in_dir(os.unlink, fd, nm, fix)

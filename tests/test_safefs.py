@@ -522,6 +522,22 @@ def test_remove_measures_bytes_only_when_asked(work, sizes):
     assert stats.sized and stats.bytes > 0
 
 
+def test_removal_counts_a_hard_linked_file_once(work):
+    """A user's 4 MiB file under 50 names is 4 MiB of the job's usage, not
+    200: only the last name's unlink frees the blocks.  A name of a file
+    that lives on outside the tree frees nothing and counts nothing."""
+    tmp = make_job(work)
+    subprocess.run(["fallocate", "-l", "4M", f"{tmp}/big"], check=True)
+    for i in range(49):
+        os.link(f"{tmp}/big", f"{tmp}/l{i}")
+    subprocess.run(["fallocate", "-l", "1M", work.path("outside")], check=True)
+    os.link(work.path("outside"), f"{tmp}/o")
+    stats = safefs.remove_tree(work.fd, "job.3.0", sizes=True)
+    assert stats.complete and stats.files == 51 and stats.sized
+    assert 4 << 20 <= stats.bytes < 5 << 20, stats.bytes
+    assert os.path.getsize(work.path("outside")) == 1 << 20
+
+
 def test_remove_5000_deep(work):
     tmp = make_job(work)
     make_deep(tmp, 5000, leaf_files=3)
