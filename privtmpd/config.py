@@ -53,6 +53,7 @@ class Config:
     mount_options: tuple = ()   # ((mount point, ("noexec", ...)), ...): flags added to that bind
     tmpfs: tuple = ()           # ((mount point, size), ...): a private tmpfs instead of a directory under base
     sbcast: bool = False        # job directory's top 0711: its owner reaches $base.J.R/tmp from the host (sbcast)
+    host_leftovers: str = "remove"  # the user's files in the shared mount points at teardown (leftovers.py)
     # --- namespace scripts (nsscripts.py) ------------------------------------
     ns_script: str = ""         # run as root inside each new job namespace before the Prolog's reply
     ns_epilog: str = ""         # run as root inside the job namespace at teardown, before its processes are killed
@@ -294,6 +295,13 @@ def parse(text, source="<string>"):
             raise ConfigError(f"{at('sbcast')}: sbcast={values['sbcast']!r}: use sbcast=yes (let each job's "
                               f"user reach their private /tmp from the host, where sbcast writes) or sbcast=no")
         kw["sbcast"] = v == "yes"
+    if "host_leftovers" in values:
+        v = values["host_leftovers"].lower()
+        if v not in ("remove", "report"):
+            raise ConfigError(f"{at('host_leftovers')}: host_leftovers={values['host_leftovers']!r}: use remove "
+                              f"(at a job's end, remove the files its user created in the node's shared "
+                              f"mount points during it, with the user's rights) or report (only log them)")
+        kw["host_leftovers"] = v
     _parse_ns_scripts(values, kw, at)
     cfg = Config(**kw)
     _check_consistency(cfg, at)
@@ -412,7 +420,7 @@ _KEYS = {"base", "mount", "rundir", "socket", "mode", "shm", "tmpdir", "remove_w
 # name contains ':' still works (the longest mount= that matches wins).
 
 _PER_MOUNT_KEYS = ("mount_options", "tmpfs")
-_KEYS |= set(_PER_MOUNT_KEYS) | {"sbcast"}
+_KEYS |= set(_PER_MOUNT_KEYS) | {"sbcast", "host_leftovers"}
 
 # Accepted words.  nosuid and nodev are always set on every private mount
 # (a user-writable directory has no business holding setuid binaries or

@@ -467,7 +467,8 @@ def cmd_config_check(cfg, args):
     print(f"{cfg.source}: OK: base={cfg.base} mounts={','.join(cfg.mounts)} rundir={cfg.rundir} "
           f"mode={cfg.mode:04o} shm={cfg.shm or 'no'} tmpdir={cfg.tmpdir_value}"
           + "".join(f" mount_options={m}:{','.join(o)}" for m, o in cfg.mount_options)
-          + "".join(f" tmpfs={m}:{size}" for m, size in cfg.tmpfs) + (" sbcast=yes" if cfg.sbcast else ""))
+          + "".join(f" tmpfs={m}:{size}" for m, size in cfg.tmpfs) + (" sbcast=yes" if cfg.sbcast else "")
+          + f" host_leftovers={cfg.host_leftovers}")
 
 
 def cmd_slurm_config(cfg, args):

@@ -629,11 +629,11 @@ class Doctor:
     def check_shared_tmp_leftovers(self):
         """Files a running job's user put in the host's own mount points
         (the shared /tmp) since their job started: what `sbcast f /tmp/f`
-        leaves behind (sbcast writes from the host namespace).  Reported,
-        never removed: that a user's file came from their job cannot be
-        proved, and root removing files in a world-writable directory on a
-        guess is how one user gets another's files removed.  Only names at
-        the top of each mount point, lstat (no link followed), at most
+        leaves behind (sbcast writes from the host namespace).  Reported
+        here while the job runs; the daemon removes them at the user's last
+        job's end, with the user's rights (host_leftovers=remove,
+        leftovers.py), or only logs them (report).  Only names at the top of
+        each mount point, lstat (no link followed), at most
         LEFTOVER_SCAN_MAX entries each."""
         from . import runstate
         cfg = self.cfg
@@ -671,8 +671,11 @@ class Doctor:
             self.add("shared tmp", WARN, f"{len(found)} file(s) written to the host's shared mount points by "
                      f"users of running jobs (sbcast to /tmp lands there, not in the job): "
                      + ", ".join(found[:10]) + (" ..." if len(found) > 10 else ""),
-                     "tell users to sbcast to \"$PRIVTMPD_HOST_TMP/<file>\" (sbcast=yes); these files outlive "
-                     "the job: remove them once it has ended")
+                     "tell users to sbcast to \"$PRIVTMPD_HOST_TMP/<file>\" (sbcast=yes); "
+                     + ("privtmpd removes these files when the user's last job on this node ends"
+                        if cfg.host_leftovers == "remove" else
+                        "host_leftovers=report: these files outlive the job; remove them once it has ended, "
+                        "or set host_leftovers=remove"))
         else:
             self.add("shared tmp", OK, "no files of running jobs' users in the host's shared mount points")
 

@@ -30,7 +30,7 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import hostpath, jobdirs, limitfs, mountopts, names, namespace, nsscripts, proc, protocol, removal, runstate, safefs
+from . import hostpath, jobdirs, leftovers, limitfs, mountopts, names, namespace, nsscripts, proc, protocol, removal, runstate, safefs
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -359,8 +359,10 @@ class Jobs:
         cfg, job = self.cfg, f["job"]
         code = f.get("exit_code", 0)
         keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
+        state = runstate.read_state(cfg, job) or {}
         info = destroy(cfg, job, restart_hint=f.get("restart"), on_trash=self._trash_for(user),
                        keep_until=keep, exit_code=code)
+        self._sweep_leftovers(job, user, state)
         if keep and cfg.tmpfs:
             # A tmpfs= point lives only in the job's namespace, gone with it.
             log.info(event("destroy", "not-kept-tmpfs", job, user, exit_code=code,
@@ -380,6 +382,28 @@ class Jobs:
                               pids=",".join(map(str, info["killed"][:50])),
                               **({"cgroups": ",".join(info["cgroups"])} if info["cgroups"] else {})))
         return protocol.ok(**info), user
+
+    def _sweep_leftovers(self, job, user, state) -> None:
+        """The files job's user left in the node's shared mount points
+        during the job (leftovers.py): swept by a worker after the reply,
+        or carried along to the user's other jobs on this node."""
+        cfg = self.cfg
+        try:
+            others = runstate.all_states(cfg)
+        except OSError:
+            return
+        since, later = leftovers.plan(job, state, others)
+        for other in later:
+            st = others[other]
+            if st is not None and leftovers.carry_since(st, min(state["created"], leftovers.since_of(state))):
+                if runstate.read_state(cfg, other) is not None:     # not torn down meanwhile
+                    runstate.write_state(cfg, other, st)
+        points = [p for p in leftovers.shared_points(cfg) if since is not None and leftovers.changed_since(p, since)]
+        if since is not None and points:
+            self.removals.queue_sweep(job, user, dict(
+                job=job, points=points, uid=state["uid"],
+                gid=state["gid"] if type(state.get("gid")) is int else state["uid"],
+                since=since, until=time.time(), remove=cfg.host_leftovers == leftovers.REMOVE))
 
     def listing(self, f, show=False) -> Tuple[bytes, object]:
         """list, or show one job: states, pins, processes, kept directories

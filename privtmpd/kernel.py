@@ -198,13 +198,14 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_NO_AUTOMOUNT = 0x800
 AT_STATX_DONT_SYNC = 0x4000
 STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
 STATX_ATTR_MOUNT_ROOT = 0x2000
 
 
 class Stat:
     """The fields of statx(2) that privtmpd uses, named as os.stat_result's."""
     __slots__ = ("st_mode", "st_uid", "st_gid", "st_ino", "st_dev", "st_nlink", "st_blocks", "st_size",
-                 "mount_root")
+                 "st_mtime", "mount_root", "btime")
     st_mode: int
     st_uid: int
     st_gid: int
@@ -213,13 +214,17 @@ class Stat:
     st_nlink: int
     st_blocks: int
     st_size: int
+    st_mtime: float
     mount_root: bool
+    btime: Optional[float]      # creation time; None where the filesystem keeps none
 
     def __init__(self, sx: "_Statx") -> None:
         self.st_mode, self.st_uid, self.st_gid, self.st_ino = sx.mode, sx.uid, sx.gid, sx.ino
         self.st_dev = os.makedev(sx.dev_major, sx.dev_minor)
         self.st_nlink, self.st_blocks, self.st_size = sx.nlink, sx.blocks, sx.size
         self.mount_root = bool(sx.attributes & sx.attributes_mask & STATX_ATTR_MOUNT_ROOT)
+        self.st_mtime = sx.mtime.tv_sec + sx.mtime.tv_nsec / 1e9
+        self.btime = sx.btime.tv_sec + sx.btime.tv_nsec / 1e9 if sx.mask & STATX_BTIME else None
 
 
 _SYS_statx = {"x86_64": 332, "aarch64": 291, "ppc64le": 383, "s390x": 379}.get(os.uname().machine, 332)
@@ -238,10 +243,11 @@ def statx_nofollow(dirfd: int, name: str) -> Stat:
     sx = _Statx()
     flags = AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC
     if _statx is not None:
-        ret = _statx(dirfd, _b(name), flags, STATX_BASIC_STATS, ctypes.byref(sx))
+        ret = _statx(dirfd, _b(name), flags, STATX_BASIC_STATS | STATX_BTIME, ctypes.byref(sx))
     else:               # glibc < 2.28
         ret = _libc.syscall(ctypes.c_long(_SYS_statx), ctypes.c_int(dirfd), ctypes.c_char_p(_b(name)),
-                            ctypes.c_int(flags), ctypes.c_uint(STATX_BASIC_STATS), ctypes.byref(sx))
+                            ctypes.c_int(flags), ctypes.c_uint(STATX_BASIC_STATS | STATX_BTIME),
+                            ctypes.byref(sx))
     _check(ret, "statx", name)
     return Stat(sx)
 

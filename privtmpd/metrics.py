@@ -66,6 +66,8 @@ FAMILIES: Dict[str, Tuple[str, str, Dict[str, Tuple[str, ...]], Optional[Tuple[f
                            "(limit= jobs, small trees, count_bytes=yes).", {}, JOB_BYTES_BUCKETS),
     "privtmpd_job_files": ("histogram", "Files and directories in a job's private directories at teardown.",
                            {}, JOB_FILES_BUCKETS),
+    "privtmpd_leftovers_removed_total": ("counter", "Files a job's user left in the node's shared mount points "
+                                         "(sbcast to /tmp), removed at the job's end.", {}, None),
     "privtmpd_orphans_swept_total": ("counter", "Job directories found without a live job and removed.",
                                      {}, None),
 }

@@ -135,4 +135,4 @@ def tmpfs_usage(pin_path, mounts):
 def config_json(cfg):
     """The per-mount-point settings for `status` and `config check --json`."""
     return {"mount_options": {m: ",".join(o) for m, o in cfg.mount_options}, "tmpfs": dict(cfg.tmpfs),
-            "sbcast": cfg.sbcast}
+            "sbcast": cfg.sbcast, "host_leftovers": cfg.host_leftovers}

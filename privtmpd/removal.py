@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import jobdirs, kernel, limitfs, names, safefs
+from . import jobdirs, kernel, leftovers, limitfs, names, safefs
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -49,6 +49,7 @@ _REPORT_MAX = 60000          # bytes of a worker's JSON report (one pipe read)
 Key = Tuple[str, str]        # (parent directory, trash name)
 
 QUEUED, RUNNING, DEFERRED = "queued", "running", "deferred"
+SWEEP = "<leftovers>"        # the parent of a sweep's record: never a directory
 
 
 @dataclass
@@ -66,9 +67,12 @@ class _Removal:
     pid: int = 0                            # RUNNING: the worker
     report_fd: int = -1                     # RUNNING: its report pipe
     usage: bool = False                     # log the job's usage from this removal's counts
+    sweep: Optional[dict] = None            # leftovers.sweep()'s arguments: a sweep, not a tree
 
     @property
     def path(self):
+        if self.sweep is not None:
+            return f"{self.name} in {','.join(self.sweep['points'])}"
         return f"{self.parent}/{self.name}"
 
 
@@ -98,6 +102,16 @@ class RemovalQueue:
             self._order.append((parent, name))
         elif r.user is None:
             r.user = user
+
+    def queue_sweep(self, job: int, user, sweep: dict) -> None:
+        """Queue a sweep of the shared mount points for the files job's
+        user left there (leftovers.py): always in a worker, since its work
+        grows with those directories, and never retried (a sweep that
+        failed is logged; doctor reports what stays)."""
+        key = (SWEEP, f"files of job {job}'s user")
+        if key not in self._all:
+            self._all[key] = _Removal(*key, user, handed_over=True, sweep=sweep)
+            self._order.append(key)
 
     def set_user(self, parent: str, name: str, user) -> None:
         r = self._all.get((parent, name))
@@ -246,6 +260,10 @@ class RemovalQueue:
             except OSError:
                 pass
             os.close(rfd)
+            if r.sweep is not None:
+                args = {k: v for k, v in r.sweep.items() if k != "job"}
+                os.write(wfd, json.dumps(leftovers.sweep(**args)).encode()[:_REPORT_MAX])
+                os._exit(0)
             pfd = safefs.open_dir(r.parent)
             owner = jobdirs.owner_name(pfd, r.name)
             # A limit= image still mounted (a sweep or retry after a
@@ -299,6 +317,9 @@ class RemovalQueue:
     def _done(self, r: _Removal, info: dict, by: str) -> None:
         """Log, count and (on failure) schedule a retry of one removal."""
         ms = (time.monotonic() - r.started) * 1000
+        if r.sweep is not None:
+            self._sweep_done(r, info, ms)
+            return
         job, user = jobdirs.job_of(self.cfg.base_name, r.name), info.get("user", r.user)
         # Bytes only when every removed file was measured (count_bytes=, or
         # removed inline, which measures them for its budget): a partial
@@ -336,6 +357,33 @@ class RemovalQueue:
             self._defer(r, job)
         else:
             del self._all[key]
+
+    def _sweep_done(self, r: _Removal, info: dict, ms: float) -> None:
+        """One line when the sweep found something or failed; silence for
+        the usual job that left nothing in the shared mount points."""
+        del self._all[(r.parent, r.name)]
+        assert r.sweep is not None
+        job, remove = r.sweep["job"], r.sweep["remove"]
+        if "error" in info:
+            info = {"found": 0, "removed": 0, "names": [], "errors": [info["error"]]}
+        if info.get("removed"):
+            self.metrics.inc("privtmpd_leftovers_removed_total", info["removed"])
+        if not (info.get("found") or info.get("errors")):
+            return
+        fields = dict(found=info["found"], names=",".join(info["names"]) + (",..." if info["found"] >
+                                                                              len(info["names"]) else ""))
+        if remove:
+            fields["removed"] = info["removed"]
+        if info.get("errors"):
+            log.error(event("leftovers", "incomplete", job, r.user, ms, **fields, errors="; ".join(info["errors"]),
+                            note="what stays is reported by privtmpctl doctor"))
+        elif remove:
+            log.info(event("leftovers", "removed", job, r.user, ms, **fields,
+                           note="written from the host's namespace (sbcast) during the job"))
+        else:
+            log.warning(event("leftovers", "found", job, r.user, ms, **fields,
+                              note="host_leftovers=report: not removed; sbcast to $PRIVTMPD_HOST_TMP (sbcast=yes) "
+                                   "lands in the job's /tmp"))
 
     def _defer(self, r: _Removal, job) -> None:
         """A removal failed (an I/O error, a busy or immutable entry): try

@@ -104,6 +104,12 @@ class DaemonProc:
         self.conf_path = f"{TEST_RUN}/{name}.conf"
         self.log_path = f"{TEST_RUN}/{name}.log"
         self.pidfile = f"{TEST_RUN}/{name}.pid"
+        # mount=/tmp here is this machine's own /tmp: the daemon under test
+        # only reports what the jobs' users (nobody, by default) created
+        # there during a job, unless a test asks for host_leftovers=remove
+        # with a uid of its own (test_leftovers.py).
+        if "host_leftovers=" not in extra:
+            extra = f"host_leftovers=report\n{extra}"
         self.text = f"base={self.base_parent}/job\nmount=/tmp mount=/var/tmp\nrundir={self.rundir}\n{extra}\n"
         self.proc = None
 

@@ -270,7 +270,7 @@ _GOOD = {"base": "/tmp/slurm", "mount": "/tmp", "rundir": "/run/pt", "socket": "
          "limit_from": "tmp", "limit_max": "2g", "limit_reserve": "yes", "count_bytes": "yes",
          "mount_options": "/tmp:noexec", "tmpfs": "/tmp:1g", "sbcast": "yes",
          "ns_script": "/etc/privtmpd/init", "ns_epilog": "/etc/privtmpd/epilog", "ns_script_timeout": "30",
-         "on_script_error": "log"}
+         "on_script_error": "log", "host_leftovers": "report"}
 
 
 def one_key_per_line():

@@ -66,6 +66,39 @@ srun -N2 --ntasks-per-node=1 sh -c 'echo "SEEN $(hostname) $(cat /tmp/payload.tx
              what="the job's directories to be removed on every node")
 
 
+def test_a_plain_sbcast_to_tmp_is_removed_from_every_node_when_the_job_ends(stack):
+    """`sbcast f /tmp/f` without the variable lands in each node's shared
+    /tmp (slurmd writes from the host's namespace); the job's end removes it
+    there with the user's rights (host_leftovers=remove, the default), and
+    a file of the same user's from before the job stays."""
+    c = stack.cluster
+    src = os.path.join(c.user_dir(U1), "plain.txt")
+    with open(src, "w") as f:
+        f.write("plain payload\n")
+    os.chown(src, *_ids(U1))
+    for n in NODES:
+        old = stack.node_path(n, "/tmp/privtmp1-before.txt")
+        with open(old, "w") as f:
+            f.write("kept\n")
+        os.chown(old, *_ids(U1))
+    script = f"""#!/bin/sh
+sbcast -f {src} /tmp/plain-$SLURM_JOB_ID.txt; echo "SBCAST $?"
+srun -N2 --ntasks-per-node=1 sh -c 'test -e /tmp/plain-$SLURM_JOB_ID.txt; echo "INJOB $(hostname) $?"'
+"""
+    r = c.sbatch(U1, script, args=["-N2", "--ntasks-per-node=1"])
+    assert r.returncode == 0 and _lines(r.output, "SBCAST") == ["0"], r.output
+    # Not in the job's private /tmp: in the node's shared one.
+    assert _lines(r.output, "INJOB") == [f"{n} 1" for n in NODES], r.output
+    name = f"/tmp/plain-{r.jobid}.txt"
+    wait_for(lambda: not any(os.path.lexists(stack.node_path(n, name)) for n in NODES), timeout=60,
+             what=f"{name} to be removed from every node's shared /tmp")
+    for n in NODES:
+        assert os.path.exists(stack.node_path(n, "/tmp/privtmp1-before.txt")), n
+        os.unlink(stack.node_path(n, "/tmp/privtmp1-before.txt"))
+        log = stack.daemon_log(n)
+        assert f"job={r.jobid} " in log and "op=leftovers result=removed" in log, log[-2000:]
+
+
 def test_another_user_cannot_sbcast_into_a_running_job(stack):
     """The job directory's top is 0711 for sbcast; the user's /tmp in it is
     0700: a second user's sbcast to the first job's host path is refused,

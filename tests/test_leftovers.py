@@ -1,0 +1,176 @@
+"""Files a job's user left in the node's shared mount points during the job
+(sbcast to /tmp writes there, from the host's namespace): what counts, and
+their removal at teardown with the user's rights, against a real daemon.
+The two-node Slurm lab shows it with real sbcast (test_e2e_sbcast.py)."""
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from cli import wait_for
+from privtmpd import kernel, leftovers
+
+# A uid no account and no other test uses: the daemons here share this
+# machine's own /tmp, and the sweep removes what this uid created there.
+U = 64000 + os.getpid() % 1000
+OTHER = U + 1
+root = pytest.mark.root
+
+
+# --- what counts (no root) ---------------------------------------------------
+
+def test_plan_sweeps_from_the_jobs_start_or_waits_for_the_users_last_job():
+    st = {"uid": 1000, "created": 500.0}
+    since, later = leftovers.plan(7, st, {})
+    assert later == [] and since == pytest.approx(500.0 - leftovers.CLOCK_SLACK)
+    # Another job of the same user on the node: it carries the start along.
+    since, later = leftovers.plan(7, st, {8: {"uid": 1000, "created": 600.0}, 9: {"uid": 1001}, 10: None})
+    assert since is None and later == [8]
+    # A job that carried an earlier start sweeps from there.
+    since, _ = leftovers.plan(8, {"uid": 1000, "created": 600.0, "leftovers_since": 500.0}, {})
+    assert since == pytest.approx(500.0 - leftovers.CLOCK_SLACK)
+    # root's jobs and unusable states: nothing.
+    assert leftovers.plan(7, {"uid": 0, "created": 1.0}, {}) == (None, [])
+    assert leftovers.plan(7, {"uid": "1000", "created": 1.0}, {}) == (None, [])
+    assert leftovers.plan(7, {}, {}) == (None, [])
+
+
+def test_carry_keeps_the_earliest_start():
+    st = {"uid": 1000, "created": 600.0}
+    assert leftovers.carry_since(st, 500.0) and st["leftovers_since"] == 500.0
+    assert not leftovers.carry_since(st, 550.0) and st["leftovers_since"] == 500.0
+
+
+def test_only_regular_files_of_the_user_created_in_the_window(tmp_path):
+    d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        before = time.time()
+        (tmp_path / "f").write_text("x")
+        (tmp_path / "d").mkdir()
+        (tmp_path / "l").symlink_to("f")
+        after = time.time() + 1
+        st = {n: kernel.statx_nofollow(d, n) for n in ("f", "d", "l")}
+    finally:
+        os.close(d)
+    uid = os.getuid()
+    assert st["f"].btime is not None, "this filesystem keeps no creation time"
+    assert leftovers.is_leftover(st["f"], uid, before - 0.1, after)
+    assert not leftovers.is_leftover(st["f"], uid + 1, before - 0.1, after)      # another user's
+    assert not leftovers.is_leftover(st["f"], uid, after, after + 10)            # created before the job
+    assert not leftovers.is_leftover(st["f"], uid, 0, before - 5)                # after the teardown
+    assert not leftovers.is_leftover(st["d"], uid, before - 0.1, after)          # a directory
+    assert not leftovers.is_leftover(st["l"], uid, before - 0.1, after)          # a symlink
+
+
+# --- at teardown, against a real daemon --------------------------------------
+
+@pytest.fixture
+def shared(request):
+    """A shared mount point of the test's own, sticky and world-writable
+    like /tmp, so that what the sweep does is seen in isolation."""
+    path = f"/var/lib/privtmpd-test/shared-{os.getpid()}-{request.node.name[:30]}"
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    os.chmod(path, 0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _as(uid, path, text="x"):
+    """Create path as uid (a file the job's user wrote from the host)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            with open(path, "w") as f:
+                f.write(text)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, f"cannot create {path} as {uid}"
+
+
+def _line(d, job, timeout=30):
+    pat = re.compile(rf"job={job} .*op=leftovers .*")
+    found = []
+
+    def look():
+        with open(d.log_path, errors="replace") as f:
+            found[:] = [m.group(0) for m in pat.finditer(f.read())]
+        return found
+    wait_for(look, timeout, f"an op=leftovers line for job {job}")
+    return found[-1]
+
+
+@root
+def test_the_users_files_from_during_the_job_are_removed_with_the_job(daemon_factory, shared):
+    d = daemon_factory(f"mount={shared} host_leftovers=remove")
+    _as(U, f"{shared}/old")                        # before the job: stays
+    time.sleep(0.2)
+    d.create(401, uid=U, gid=U)
+    _as(U, f"{shared}/sbcast.out")                 # as sbcast writes it
+    _as(U, f"{shared}/bad\nname\x1b[31m")          # the log must not carry it raw
+    _as(OTHER, f"{shared}/theirs")                 # another user's: stays
+    os.mkdir(f"{shared}/dir")
+    os.chown(f"{shared}/dir", U, U)                # a directory: stays
+    os.symlink("/etc/passwd", f"{shared}/link")
+    os.lchown(f"{shared}/link", U, U)              # a symlink: stays
+    _as(U, f"{shared}/dir/inner")                  # not at the top: stays
+    d.destroy(401)
+    line = _line(d, 401)
+    d.wait_removals()
+    assert sorted(os.listdir(shared)) == ["dir", "link", "old", "theirs"], line
+    assert os.listdir(f"{shared}/dir") == ["inner"]
+    assert "result=removed" in line and "found=2" in line and "removed=2" in line, line
+    assert "sbcast.out" in line and "\x1b" not in line and "\\x1b" in line, line
+
+
+@root
+def test_report_only_logs_them(daemon_factory, shared):
+    d = daemon_factory(f"mount={shared} host_leftovers=report")
+    d.create(402, uid=U, gid=U)
+    _as(U, f"{shared}/sbcast.out")
+    d.destroy(402)
+    line = _line(d, 402)
+    assert "result=found" in line and "found=1" in line and "removed=" not in line, line
+    d.wait_removals()
+    assert os.listdir(shared) == ["sbcast.out"]
+
+
+@root
+def test_the_sweep_has_the_users_rights_only(daemon_factory, shared):
+    """A file of the user's in a directory only root may change: root could
+    unlink it, the user cannot, and so the sweep does not."""
+    os.chmod(shared, 0o755)
+    d = daemon_factory(f"mount={shared} host_leftovers=remove")
+    d.create(403, uid=U, gid=U)
+    with open(f"{shared}/planted", "w") as f:
+        f.write("x")
+    os.chown(f"{shared}/planted", U, U)
+    d.destroy(403)
+    line = _line(d, 403)
+    d.wait_removals()
+    assert os.path.exists(f"{shared}/planted")
+    assert "result=incomplete" in line and "Permission denied" in line, line
+
+
+@root
+def test_waits_for_the_users_last_job_on_the_node(daemon_factory, shared):
+    """Two jobs of one user: what sbcast wrote for the first may belong to
+    the second, still running; the second's end removes both jobs' files."""
+    d = daemon_factory(f"mount={shared} host_leftovers=remove")
+    d.create(404, uid=U, gid=U)
+    _as(U, f"{shared}/for-404")
+    d.create(405, uid=U, gid=U)
+    _as(U, f"{shared}/for-405")
+    d.destroy(404)
+    d.wait_removals()
+    assert sorted(os.listdir(shared)) == ["for-404", "for-405"]
+    d.destroy(405)
+    line = _line(d, 405)
+    d.wait_removals()
+    assert os.listdir(shared) == [] and "found=2" in line, line
