@@ -724,4 +724,4 @@ def exec_lost_to_noexec_base(cfg):
 def noexec_base_warning(cfg, points, fs):
     shown = ", ".join(f"mount_options={m}:exec" for m in points)
     return (f"{shown} has no effect: base={cfg.base} is on {fs}, mounted noexec, and a job's bind keeps the "
-            f"noexec of the filesystem it comes from; programs in {', '.join(points)} cannot run")
+            f"noexec of the filesystem it comes from; programs in the job's {', '.join(points)} cannot run")
