@@ -188,6 +188,14 @@ class Daemon:
         sd_notify(f"READY=1\nSTATUS=serving {self.cfg.socket_path}\nMAINPID={os.getpid()}")
         log.info(event("start", "ok", version=__version__, socket=self.cfg.socket_path, base=self.cfg.base,
                        mounts=",".join(self.cfg.mounts)))
+        # An admin who asked for exec and gets noexec hears it here (and
+        # from doctor), not from the first user whose program will not run.
+        from .doctor import exec_lost_to_noexec_base, noexec_base_warning
+        lost = exec_lost_to_noexec_base(self.cfg)
+        if lost and lost[0]:
+            log.warning(event("start", "warning", note=noexec_base_warning(self.cfg, *lost),
+                              fix=f"remount {lost[1]} exec, or move base= to a filesystem mounted exec; "
+                                  f"privtmpctl doctor checks it"))
         if self.metrics.path:
             self._guarded("metrics", self._sample_gauges)
             self.metrics.write()

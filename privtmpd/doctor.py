@@ -157,7 +157,8 @@ class Doctor:
                       self.check_rundir, self.check_propagation,
                       self.check_daemon, self.check_slurm, self.check_hook_interpreter, self.check_free_space,
                       self.check_metrics, self.check_kernel, self.check_link_protection,
-                      self.check_tmpfs_sizes, self.check_sbcast, self.check_shared_tmp_leftovers):
+                      self.check_tmpfs_sizes, self.check_sbcast, self.check_exec_on_noexec_base,
+                      self.check_shared_tmp_leftovers):
             try:
                 check()
             except Exception as e:      # noqa: BLE001 - a broken check must not hide the others
@@ -624,6 +625,23 @@ class Doctor:
         else:
             self.add("sbcast", OK, f"jobs get PRIVTMPD_HOST_TMP={cfg.base}.<job>.<restart>/tmp on every node")
 
+    def check_exec_on_noexec_base(self):
+        """mount_options=<mp>:exec cannot undo a noexec filesystem under
+        base=: the job's directory is bind-mounted from there, and the bind
+        keeps every flag of its source (namespace._mount_flags_of)."""
+        lost = exec_lost_to_noexec_base(self.cfg)
+        if lost is None:
+            return
+        points, fs = lost
+        cfg = self.cfg
+        if points:
+            self.add("exec mount points", WARN, noexec_base_warning(cfg, points, fs),
+                     f"remount that filesystem exec (mount -o remount,exec {fs}, and drop noexec from its fstab "
+                     f"line), or move base= to a filesystem mounted exec")
+        else:
+            self.add("exec mount points", OK, f"base={cfg.base} is on a filesystem mounted exec ({fs}): "
+                     f"mount_options=...:exec takes effect")
+
     LEFTOVER_SCAN_MAX = 100000
 
     def check_shared_tmp_leftovers(self):
@@ -682,3 +700,31 @@ class Doctor:
 
 def run_checks(config_path, slurm_conf=None):
     return Doctor(config_path, slurm_conf).run()
+
+
+def exec_lost_to_noexec_base(cfg):
+    """None when no mount point asks for exec (or base's filesystem cannot
+    be read: check_base says why); else ([mount points whose exec is lost],
+    the mount point of base's filesystem).  Only the explicit exec matters:
+    without it, noexec inherited from base's filesystem is what the admin
+    already has for every other directory there.  tmpfs= points are fresh
+    mounts, and with limit= the job's directories are in a loop-mounted
+    image of their own, mounted exec: neither sees base's flags."""
+    if cfg.limit:
+        return None
+    wanted = [m for m in sorted(cfg.mounts) if "exec" in cfg.options_of(m) and not cfg.tmpfs_size(m)]
+    if not wanted:
+        return None
+    try:
+        noexec = bool(os.statvfs(cfg.base_parent).f_flag & os.ST_NOEXEC)
+        real = os.path.realpath(cfg.base_parent)
+        fs = max((m.mountpoint for m in proc.mounts() if _under(real, m.mountpoint)), key=len, default="/")
+    except OSError:
+        return None
+    return (wanted if noexec else []), fs
+
+
+def noexec_base_warning(cfg, points, fs):
+    shown = ", ".join(f"mount_options={m}:exec" for m in points)
+    return (f"{shown} has no effect: base={cfg.base} is on {fs}, mounted noexec, and a job's bind keeps the "
+            f"noexec of the filesystem it comes from; programs in the job's {', '.join(points)} cannot run")

@@ -17,6 +17,7 @@ records what it wrote, so that it never overwrites a file of a package or of
 the admin.  Used by `privtmpctl slurm-config` and `doctor`.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -98,10 +99,22 @@ def plugstack_line(cfg, so=None):
 
 # --- privtmpctl install -------------------------------------------------------
 
+# /lib/systemd/system on Debian 12 (the same directory as
+# /usr/lib/systemd/system on merged-/usr systems, where the .deb puts it).
+_UNIT_DIRS = ("/lib/systemd/system", "/usr/lib/systemd/system")
+
+# Every path `privtmpctl install` can ever write: uninstall removes nothing
+# else, whatever the manifest says (an edited or foreign manifest must not
+# turn it into `rm` of any file as root).
+INSTALLED_PATHS = frozenset(
+    [f"{SBIN_DIR}/{prog}" for prog in ("privtmpd", "privtmpctl")]
+    + [f"{LIBEXEC_DIR}/{kind}" for kind in ("prolog", "epilog")]
+    + [f"{SPANK_DIR}/privtmpd_spank.so"]
+    + [f"{d}/privtmpd.service" for d in _UNIT_DIRS])
+
+
 def _unit_dir(root):
-    # /lib/systemd/system on Debian 12 (the same directory as
-    # /usr/lib/systemd/system on merged-/usr systems, where the .deb puts it).
-    for d in ("/lib/systemd/system", "/usr/lib/systemd/system"):
+    for d in _UNIT_DIRS:
         if os.path.isdir(root + d):
             return d
     return "/lib/systemd/system"
@@ -166,18 +179,117 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_manifest(root):
-    path = root + MANIFEST
+class _Untrusted(Exception):
+    """A directory on the way to a file that someone other than root could
+    have changed or redirected: what is in it proves nothing."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _root_only(st):
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def _open_trusted_dir(root, d):
+    """An fd on the directory root + d, checked to be one that only root
+    can change: FileNotFoundError when it is missing, _Untrusted otherwise.
+
+    A file's content proves it is ours only while nobody else can swap the
+    directory it is in.  Every directory from --root down must be root's and
+    writable by root alone, and a symlink on the way (merged /usr: /lib ->
+    usr/lib) is honoured only when root made it in such a directory and it
+    stays within --root.  The resolved path is then opened one component at
+    a time with O_NOFOLLOW and each step checked again on the fd, so what
+    is checked is what is used."""
+    top = root or "/"
+    prefix = root
+    for part in d.strip("/").split("/"):
+        prefix += "/" + part
+        st = os.lstat(prefix)
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid != 0:
+                raise _Untrusted(f"{prefix} is a symlink owned by uid {st.st_uid}, not root")
+        elif not stat.S_ISDIR(st.st_mode):
+            raise _Untrusted(f"{prefix} is not a directory")
+        elif not _root_only(st):
+            raise _Untrusted(f"{prefix} is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}: "
+                             f"not root's alone")
+    real, real_top = os.path.realpath(root + d), os.path.realpath(top)
+    if real != real_top and not real.startswith(real_top.rstrip("/") + "/"):
+        raise _Untrusted(f"{root + d} leads through a symlink to {real}, outside {top}")
+    fd = os.open(real_top, _DIR_FLAGS & ~os.O_NOFOLLOW)
     try:
-        with open(path) as f:
-            data = json.load(f)
+        for part in real[len(real_top):].strip("/").split("/"):
+            if not part:
+                continue
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _Untrusted(f"{real} was replaced while it was checked ({part} is no longer a "
+                                     f"directory)") from None
+                raise
+            os.close(fd)
+            fd = nfd
+            st = os.fstat(fd)
+            if not _root_only(st):
+                raise _Untrusted(f"{real}: a directory on the way is uid {st.st_uid}, mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}: not root's alone")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_manifest(root):
+    """{path: SHA-256} of what install wrote.  The manifest decides what
+    uninstall removes as root, so it is believed only when only root can
+    have written it: a regular file (never followed through a symlink),
+    root's, not writable by group or others, in a directory that is root's
+    alone."""
+    path = root + MANIFEST
+    redo = (f"check what it lists, then chown root:root {path} && chmod 0644 {path} and run the command "
+            f"again (or move it away and remove privtmpd's files yourself)")
+    try:
+        dfd = _open_trusted_dir(root, os.path.dirname(MANIFEST))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        raise InstallError(f"{path} cannot be read ({e}): move it away and run privtmpctl install again; "
-                           f"it would then refuse to overwrite the files it wrote before") from None
+    except _Untrusted as e:
+        raise InstallError(f"{path} is not trusted: {e}; make every directory above it root's and writable by "
+                           f"root only, then {redo}") from None
+    try:
+        fd = os.open(os.path.basename(MANIFEST), _FILE_FLAGS, dir_fd=dfd)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InstallError(f"{path} is a symlink, and privtmpctl install writes a regular file there: "
+                               f"the list it leads to may be anyone's; remove the link, then check the stable "
+                               f"paths by hand (privtmpctl install refuses to overwrite what it did not "
+                               f"record)") from None
+        raise InstallError(f"{path} cannot be read ({e.strerror}): move it away and run privtmpctl install "
+                           f"again; it would then refuse to overwrite the files it wrote before") from None
+    finally:
+        os.close(dfd)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InstallError(f"{path} is not a regular file: move it away and run privtmpctl install again")
+        if not _root_only(st):
+            raise InstallError(f"{path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}: "
+                               f"only root may write the list of files privtmpctl removes as root, so nothing "
+                               f"in it is trusted; {redo}")
+        try:
+            data = json.loads(f.read(1 << 20))
+        except ValueError as e:
+            raise InstallError(f"{path} cannot be read ({e}): move it away and run privtmpctl install again; "
+                               f"it would then refuse to overwrite the files it wrote before") from None
     files = data.get("files") if isinstance(data, dict) else None
-    return files if isinstance(files, dict) else {}
+    if not isinstance(files, dict):
+        return {}
+    return {p: d for p, d in files.items() if isinstance(p, str) and isinstance(d, str)}
 
 
 def _current_digest(path):
@@ -339,33 +451,90 @@ def install(root="", with_spank=True, venv=None):
             _write_atomically(conf, f.read(), 0o644)
         actions.append((CONF_PATH, "written"))
     manifest = {"venv": venv, "version": __version__, "python": "%d.%d" % sys.version_info[:2],
-                "files": {p: d for p, d in sorted(recorded.items()) if p in plan or os.path.lexists(root + p)}}
+                "files": {p: d for p, d in sorted(recorded.items())
+                          if p in INSTALLED_PATHS and (p in plan or os.path.lexists(root + p))}}
     _write_atomically(root + MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), 0o644)
     return actions
 
 
+def _remove_if_unchanged(root, path, digest):
+    """Remove root + path if it is still the file install wrote; return
+    what happened.  The file is opened without following a symlink, in a
+    directory only root can change, hashed through that fd and unlinked
+    only if the name still names that inode."""
+    d, name = os.path.split(path)
+    try:
+        dfd = _open_trusted_dir(root, d)
+    except FileNotFoundError:
+        return "absent"
+    except _Untrusted as e:
+        return (f"kept ({e}: a file there may not be the one privtmpctl install wrote; check it and remove it "
+                f"yourself)")
+    try:
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+        except FileNotFoundError:
+            return "absent"
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return ("kept (a symlink now, not the file privtmpctl install wrote; whatever it leads to is "
+                        "left alone: remove the link yourself if it is not wanted)")
+            return f"kept (cannot be opened: {e.strerror})"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return "kept (not a regular file: privtmpctl install wrote a regular file there)"
+            h = hashlib.sha256()
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+        finally:
+            os.close(fd)
+        if h.hexdigest() != digest:
+            return "kept (changed since privtmpctl install wrote it)"
+        now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return "kept (replaced while it was checked; run privtmpctl install --uninstall again)"
+        os.unlink(name, dir_fd=dfd)
+        return "removed"
+    finally:
+        os.close(dfd)
+
+
 def uninstall(root=""):
-    """Remove what install wrote and nobody changed since; return [(path, what)]."""
+    """Remove what install wrote and nobody changed since; return [(path, what)].
+
+    Only the stable paths install itself writes are candidates, whatever
+    else the manifest lists, and each only while its content is what was
+    recorded."""
     root = _check_root(root)
     recorded = _read_manifest(root)
     actions, left = [], {}
     for path, digest in sorted(recorded.items()):
-        have = _current_digest(root + path)
-        if have is None:
-            actions.append((path, "absent"))
-        elif have == digest:
-            os.unlink(root + path)
-            actions.append((path, "removed"))
-        else:
-            actions.append((path, "kept (changed since privtmpctl install wrote it)"))
+        if path not in INSTALLED_PATHS:
+            actions.append((path, f"refused (not a path privtmpctl install writes: {root + MANIFEST} was edited "
+                                  f"or is not its own; nothing was done to this file, remove it yourself if it "
+                                  f"really is privtmpd's)"))
+            continue
+        what = _remove_if_unchanged(root, path, digest)
+        actions.append((path, what))
+        if what.startswith("kept"):
             left[path] = digest
     for d in (LIBEXEC_DIR, SPANK_DIR):
         try:
-            os.rmdir(root + d)
+            pfd = _open_trusted_dir(root, os.path.dirname(d))
+        except (OSError, _Untrusted):
+            continue
+        try:
+            os.rmdir(os.path.basename(d), dir_fd=pfd)
         except OSError:
             pass
+        finally:
+            os.close(pfd)
     if left:
         _write_atomically(root + MANIFEST, (json.dumps({"files": left}, indent=1) + "\n").encode(), 0o644)
-    elif os.path.exists(root + MANIFEST):
+    elif os.path.lexists(root + MANIFEST):
         os.unlink(root + MANIFEST)
     return actions

@@ -230,3 +230,127 @@ def test_install_refuses_a_root_others_can_change(tmp_path):
     loose.chmod(0o777)
     with pytest.raises(install.InstallError, match="must be root's and writable by root only"):
         install.install(root=str(loose))
+
+
+# --- uninstall trusts only what root wrote, and only the stable paths -------------------
+
+def _installed_root(tmp_path):
+    """privtmpctl install of this checkout into tmp_path/root (in process:
+    the checks below are about what uninstall does with the manifest)."""
+    from privtmpd import install as inst
+    old = os.umask(0o022)
+    try:
+        root = tmp_path / "root"
+        (root / "lib" / "systemd" / "system").mkdir(parents=True)
+        inst.install(root=str(root), with_spank=False)
+    finally:
+        os.umask(old)
+    return str(root)
+
+
+def _sha(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def _plant(path, data):
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+STABLE_WITHOUT_SPANK = [p for p in STABLE_FILES if not p.endswith(".so")]
+
+
+def test_uninstall_removes_nothing_but_the_stable_paths_it_wrote(tmp_path):
+    """A manifest that lists other files, with their right checksums (what
+    anyone who can edit it can compute), removes none of them."""
+    from privtmpd import install as inst
+    root = _installed_root(tmp_path)
+    manifest_path = root + inst.MANIFEST
+    victims = {"/etc/shadow": _plant(f"{root}/etc/shadow", b"root:$6$...:19000::::::\n"),
+               "/usr/bin/python3": _plant(f"{root}/usr/bin/python3", b"\x7fELF python\n"),
+               "/../outside": _plant(str(tmp_path / "outside"), b"beside --root\n"),
+               "/usr/sbin/../../etc/shadow": f"{root}/etc/shadow"}
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    for listed, real in victims.items():
+        with open(real, "rb") as f:
+            manifest["files"][listed] = _sha(f.read())
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    actions = dict(inst.uninstall(root))
+    for listed, real in victims.items():
+        assert os.path.exists(real), (listed, actions[listed])
+        assert actions[listed].startswith("refused (not a path privtmpctl install writes")
+        assert manifest_path in actions[listed]
+    for path in STABLE_WITHOUT_SPANK:
+        assert actions[path] == "removed" and not os.path.lexists(root + path), path
+    assert not os.path.lexists(manifest_path)
+
+
+@pytest.mark.parametrize("how", ["group-writable", "not-roots", "symlink", "loose-directory"])
+def test_uninstall_refuses_a_manifest_others_could_have_written(tmp_path, how):
+    from privtmpd import install as inst
+    root = _installed_root(tmp_path)
+    manifest_path = root + inst.MANIFEST
+    if how == "group-writable":
+        os.chmod(manifest_path, 0o664)
+        expect = "mode 0664: only root may write the list of files"
+    elif how == "not-roots":
+        os.chown(manifest_path, 65534, 65534)
+        expect = "owned by uid 65534"
+    elif how == "symlink":
+        elsewhere = str(tmp_path / "elsewhere.json")
+        os.rename(manifest_path, elsewhere)
+        os.symlink(elsewhere, manifest_path)
+        expect = "is a symlink"
+    else:
+        os.chmod(os.path.dirname(manifest_path), 0o777)
+        expect = "mode 0777: not root's alone"
+    with pytest.raises(inst.InstallError) as e:
+        inst.uninstall(root)
+    msg = str(e.value)
+    assert msg.startswith(manifest_path) and expect in msg, msg
+    assert "remove the link" in msg if how == "symlink" else f"chown root:root {manifest_path}" in msg, msg
+    for path in STABLE_WITHOUT_SPANK:
+        assert os.path.isfile(root + path), path
+
+
+def test_uninstall_never_follows_a_symlink(tmp_path):
+    """A stable path, or a directory on the way to one, replaced by a
+    symlink to a file with the very content install wrote: the file it
+    leads to stays."""
+    from privtmpd import install as inst
+    root = _installed_root(tmp_path)
+    # The launcher itself: a link to /etc/shadow-like file with the right digest.
+    victim = str(tmp_path / "shadow")
+    shutil.copy(f"{root}/usr/sbin/privtmpctl", victim)
+    os.unlink(f"{root}/usr/sbin/privtmpctl")
+    os.symlink(victim, f"{root}/usr/sbin/privtmpctl")
+    # The hooks' directory: out of --root.
+    away = str(tmp_path / "away")
+    os.rename(f"{root}/usr/libexec/privtmpd", away)
+    os.symlink(away, f"{root}/usr/libexec/privtmpd")
+    # The unit's directory: within --root, but a link someone else made.
+    os.rename(f"{root}/lib/systemd/system", f"{root}/srv-units")
+    os.symlink("../../srv-units", f"{root}/lib/systemd/system")
+    os.lchown(f"{root}/lib/systemd/system", 65534, 65534)
+    actions = dict(inst.uninstall(root))
+    assert os.path.isfile(victim) and os.path.islink(f"{root}/usr/sbin/privtmpctl")
+    assert actions["/usr/sbin/privtmpctl"].startswith("kept (a symlink now"), actions
+    for hook in ("prolog", "epilog"):
+        assert os.path.isfile(f"{away}/{hook}")
+        assert f"leads through a symlink to {away}, outside {root}" in actions[f"/usr/libexec/privtmpd/{hook}"]
+    assert os.path.isfile(f"{root}/srv-units/privtmpd.service")
+    assert "is a symlink owned by uid 65534" in actions["/lib/systemd/system/privtmpd.service"], actions
+    assert actions["/usr/sbin/privtmpd"] == "removed"
+    # What was kept stays listed, for the admin and for the next install.
+    with open(root + inst.MANIFEST) as f:
+        assert sorted(json.load(f)["files"]) == sorted(p for p in STABLE_WITHOUT_SPANK if p != "/usr/sbin/privtmpd")
+
+
+def test_install_writes_only_the_stable_paths():
+    from privtmpd import install as inst
+    assert set(inst.planned_files(sys.prefix, with_spank=False)) <= inst.INSTALLED_PATHS

@@ -429,3 +429,69 @@ def test_doctor_says_the_entry_helpers_shm_argument_is_ignored(tmp_path):
     d._check_plugstack(str(ps))
     r = [r for r in d.results if r.name == "entry helper"][-1]
     assert "shm=50%, which the entry helper ignores" in r.detail and "shm=job:25%" in r.fix, r
+
+
+# --- exec on a noexec base -----------------------------------------------------------
+
+@pytest.fixture
+def noexec_fs(tmp_path):
+    """A real tmpfs mounted noexec, for base= to live on; unmounted after
+    the test (and after the daemons of daemon_factory, set up later, are
+    gone)."""
+    mnt = tmp_path / "noexec-fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,nosuid,nodev,size=16m,mode=0755", "privtmpd-test-noexec",
+                    str(mnt)], check=True)
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        assert not os.path.ismount(mnt)
+
+
+_START_WARNING = "op=start result=warning"
+
+
+@root
+def test_exec_on_a_noexec_base_is_reported_by_doctor_and_at_start(noexec_fs, daemon_factory, tmp_path):
+    """The job's /tmp is a bind of a directory on base's filesystem and
+    keeps its noexec: mount_options=/tmp:exec cannot give exec back, and the
+    admin hears so from doctor and from the daemon's start-up log."""
+    base_parent = f"{noexec_fs}/base"
+    os.mkdir(base_parent, 0o755)
+    conf = tmp_path / "p.conf"
+    conf.write_text(f"base={base_parent}/job\nmount=/tmp mount=/var/tmp\nmount_options=/tmp:exec,nosuid\n")
+    r = _doctor(str(conf), "/dev/null", "check_exec_on_noexec_base")
+    assert r.status == "warn", r
+    assert f"mount_options=/tmp:exec has no effect: base={base_parent}/job is on {noexec_fs}, mounted noexec" in r.detail
+    assert "/var/tmp" not in r.detail
+    assert f"mount -o remount,exec {noexec_fs}" in r.fix and "move base=" in r.fix, r
+    # Only the explicit exec: without it, or with tmpfs= or limit=, base's flags are not the job's.
+    for other in ("", "mount_options=/tmp:noexec", "mount_options=/tmp:exec tmpfs=/tmp:4m",
+                  "mount_options=/tmp:exec limit=32m"):
+        conf.write_text(f"base={base_parent}/job\nmount=/tmp mount=/var/tmp\n{other}\n")
+        assert _doctor(str(conf), "/dev/null", "check_exec_on_noexec_base") is None, other
+
+    d = daemon_factory("mount_options=/tmp:exec", base_parent=base_parent)
+    log = d.log()
+    warnings = [ln for ln in log.splitlines() if _START_WARNING in ln]
+    assert len(warnings) >= 1 and "mount_options=/tmp:exec has no effect" in warnings[-1], log
+    assert f"remount {noexec_fs} exec" in warnings[-1]
+    # The warning is true: the job cannot run a program from its /tmp.
+    d.create(381)
+    r = nsenter(d.pin(381), "sh", "-c", _EXEC.format(d="/tmp"), user="65534", check=False)
+    assert "rc=126" in r.stdout, r
+    d.destroy(381)
+    d.stop()
+
+    # Base's filesystem remounted exec: doctor is content, the daemon silent.
+    subprocess.run(["mount", "-o", "remount,exec", noexec_fs], check=True)
+    conf.write_text(f"base={base_parent}/job\nmount=/tmp mount=/var/tmp\nmount_options=/tmp:exec\n")
+    r = _doctor(str(conf), "/dev/null", "check_exec_on_noexec_base")
+    assert r.status == "ok" and f"on a filesystem mounted exec ({noexec_fs})" in r.detail, r
+    d.start()
+    assert len([ln for ln in d.log().splitlines() if _START_WARNING in ln]) == len(warnings), d.log()
+    d.create(382)
+    r = nsenter(d.pin(382), "sh", "-c", _EXEC.format(d="/tmp"), user="65534", check=False)
+    assert "rc=0" in r.stdout, r
+    d.destroy(382)
