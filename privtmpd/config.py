@@ -359,11 +359,11 @@ def _check_ns_scripts(cfg, at):
         if not path:
             continue
         for m in hidden:
-            if _under(path, m):
+            if is_under(path, m):
                 raise ConfigError(f"{at(key)}: {key}={path} lies under {m}, which inside a job is the job "
                                   f"user's private directory; put the script in a root-only directory such "
                                   f"as /etc/privtmpd")
-        if path.startswith(cfg.base + ".") or _under(path, cfg.rundir):
+        if path.startswith(cfg.base + ".") or is_under(path, cfg.rundir):
             raise ConfigError(f"{at(key)}: {key}={path} lies in privtmpd's own job or run directories")
 
 
@@ -536,7 +536,8 @@ def mkfs_path():
     return next((p for p in MKFS_PATHS if os.access(p, os.X_OK)), None)
 
 
-def _under(path, top):
+def is_under(path, top):
+    """path is top or lies below it (both normalised, absolute)."""
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
@@ -552,22 +553,22 @@ def _check_consistency(cfg, at):
         if m == "/dev/shm" and cfg.shm:
             raise ConfigError(f"{where}: mount=/dev/shm and shm= both privatise /dev/shm; use one")
         for other in cfg.mounts:
-            if other != m and _under(m, other):
+            if other != m and is_under(m, other):
                 raise ConfigError(f"{where}: mount={m} lies under mount={other}; nested private "
                                   f"mounts are not supported")
         # A job directory is $base.<job>.<n>: a mount point inside one would
         # be covered by a user-owned directory.
         if m.startswith(cfg.base + "."):
             raise ConfigError(f"{where}: mount={m} lies inside the job directories {cfg.base}.*")
-        if _under(cfg.rundir, m):
+        if is_under(cfg.rundir, m):
             raise ConfigError(f"{at('rundir')}: rundir={cfg.rundir} lies under mount={m}: the "
                               f"entry helper could not find pins from inside a job")
     if cfg.base_parent == "/":
         raise ConfigError(f"{at('base')}: base={cfg.base}: job directories would be created in /; "
                           f"use a directory such as /tmp/slurm or /var/lib/privtmpd/job")
-    if _under(cfg.base, cfg.rundir):
+    if is_under(cfg.base, cfg.rundir):
         raise ConfigError(f"{at('base')}: base={cfg.base} must not lie under rundir={cfg.rundir}")
-    if cfg.tmpdir not in ("", "none") and not any(_under(cfg.tmpdir, m) for m in cfg.mounts):
+    if cfg.tmpdir not in ("", "none") and not any(is_under(cfg.tmpdir, m) for m in cfg.mounts):
         raise ConfigError(f"{at('tmpdir')}: tmpdir={cfg.tmpdir} is not under any private mount "
                           f"({', '.join(cfg.mounts)}): TMPDIR would point at a shared directory")
 

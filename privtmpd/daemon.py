@@ -190,10 +190,9 @@ class Daemon:
                        mounts=",".join(self.cfg.mounts)))
         # An admin who asked for exec and gets noexec hears it here (and
         # from doctor), not from the first user whose program will not run.
-        from .doctor import exec_lost_to_noexec_base, noexec_base_warning
-        lost = exec_lost_to_noexec_base(self.cfg)
+        lost = mountopts.exec_lost_to_noexec_base(self.cfg)
         if lost and lost[0]:
-            log.warning(event("start", "warning", note=noexec_base_warning(self.cfg, *lost),
+            log.warning(event("start", "warning", note=mountopts.noexec_base_warning(self.cfg, *lost),
                               fix=f"remount {lost[1]} exec, or move base= to a filesystem mounted exec; "
                                   f"privtmpctl doctor checks it"))
         if self.metrics.path:

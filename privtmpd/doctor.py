@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict
 
-from . import client, config, kernel, proc
+from . import client, config, kernel, mountopts, proc
 from .client import ClientError, request
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -37,10 +37,6 @@ class Result:
 def _mountinfo():
     """[(mount point, optional fields)] of this mount namespace."""
     return [(m.mountpoint, m.optional) for m in proc.mounts()]
-
-
-def _under(path, top):
-    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _shared(opts):
@@ -337,7 +333,7 @@ class Doctor:
         self._check_plugstack(ps)
         paths = [("SlurmdSpoolDir", sc.get("slurmdspooldir", "/var/spool/slurmd")), ("slurm.conf", path),
                  ("PlugStackConfig", ps)]
-        hidden = [(k, p, m) for k, p in paths for m in cfg.mounts if _under(p, m)]
+        hidden = [(k, p, m) for k, p in paths for m in cfg.mounts if config.is_under(p, m)]
         if hidden:
             self.add("slurm paths", FAIL, "; ".join(f"{k} {p} lies under private mount {m}: jobs cannot see it "
                                                    f"(batch jobs fail: Could not open stdout file)"
@@ -444,7 +440,7 @@ class Doctor:
             warnings.append((f"listed as {kind}: if it cannot load, tasks run on the host /tmp",
                              "use required"))
         for m in cfg.mounts:
-            if _under(so, m):
+            if config.is_under(so, m):
                 problems.append((f"{so} lies under private mount {m}: an srun inside a job cannot load it",
                                  "install it outside the privatised directories"))
         if ours and os.path.exists(so) and not _same_file_content(so, ours):
@@ -629,13 +625,13 @@ class Doctor:
         """mount_options=<mp>:exec cannot undo a noexec filesystem under
         base=: the job's directory is bind-mounted from there, and the bind
         keeps every flag of its source (namespace._mount_flags_of)."""
-        lost = exec_lost_to_noexec_base(self.cfg)
+        lost = mountopts.exec_lost_to_noexec_base(self.cfg)
         if lost is None:
             return
         points, fs = lost
         cfg = self.cfg
         if points:
-            self.add("exec mount points", WARN, noexec_base_warning(cfg, points, fs),
+            self.add("exec mount points", WARN, mountopts.noexec_base_warning(cfg, points, fs),
                      f"remount that filesystem exec (mount -o remount,exec {fs}, and drop noexec from its fstab "
                      f"line), or move base= to a filesystem mounted exec")
         else:
@@ -701,30 +697,3 @@ class Doctor:
 def run_checks(config_path, slurm_conf=None):
     return Doctor(config_path, slurm_conf).run()
 
-
-def exec_lost_to_noexec_base(cfg):
-    """None when no mount point asks for exec (or base's filesystem cannot
-    be read: check_base says why); else ([mount points whose exec is lost],
-    the mount point of base's filesystem).  Only the explicit exec matters:
-    without it, noexec inherited from base's filesystem is what the admin
-    already has for every other directory there.  tmpfs= points are fresh
-    mounts, and with limit= the job's directories are in a loop-mounted
-    image of their own, mounted exec: neither sees base's flags."""
-    if cfg.limit:
-        return None
-    wanted = [m for m in sorted(cfg.mounts) if "exec" in cfg.options_of(m) and not cfg.tmpfs_size(m)]
-    if not wanted:
-        return None
-    try:
-        noexec = bool(os.statvfs(cfg.base_parent).f_flag & os.ST_NOEXEC)
-        real = os.path.realpath(cfg.base_parent)
-        fs = max((m.mountpoint for m in proc.mounts() if _under(real, m.mountpoint)), key=len, default="/")
-    except OSError:
-        return None
-    return (wanted if noexec else []), fs
-
-
-def noexec_base_warning(cfg, points, fs):
-    shown = ", ".join(f"mount_options={m}:exec" for m in points)
-    return (f"{shown} has no effect: base={cfg.base} is on {fs}, mounted noexec, and a job's bind keeps the "
-            f"noexec of the filesystem it comes from; programs in the job's {', '.join(points)} cannot run")

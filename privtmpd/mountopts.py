@@ -136,3 +136,33 @@ def config_json(cfg):
     """The per-mount-point settings for `status` and `config check --json`."""
     return {"mount_options": {m: ",".join(o) for m, o in cfg.mount_options}, "tmpfs": dict(cfg.tmpfs),
             "sbcast": cfg.sbcast, "host_leftovers": cfg.host_leftovers}
+
+
+def exec_lost_to_noexec_base(cfg):
+    """None when no mount point asks for exec (or base's filesystem cannot
+    be read: check_base says why); else ([mount points whose exec is lost],
+    the mount point of base's filesystem).  Only the explicit exec matters:
+    without it, noexec inherited from base's filesystem is what the admin
+    already has for every other directory there.  tmpfs= points are fresh
+    mounts, and with limit= the job's directories are in a loop-mounted
+    image of their own, mounted exec: neither sees base's flags."""
+    if cfg.limit:
+        return None
+    wanted = [m for m in sorted(cfg.mounts) if "exec" in cfg.options_of(m) and not cfg.tmpfs_size(m)]
+    if not wanted:
+        return None
+    from . import config, proc
+
+    try:
+        noexec = bool(os.statvfs(cfg.base_parent).f_flag & os.ST_NOEXEC)
+        real = os.path.realpath(cfg.base_parent)
+        fs = max((m.mountpoint for m in proc.mounts() if config.is_under(real, m.mountpoint)), key=len, default="/")
+    except OSError:
+        return None
+    return (wanted if noexec else []), fs
+
+
+def noexec_base_warning(cfg, points, fs):
+    shown = ", ".join(f"mount_options={m}:exec" for m in points)
+    return (f"{shown} has no effect: base={cfg.base} is on {fs}, mounted noexec, and a job's bind keeps the "
+            f"noexec of the filesystem it comes from; programs in the job's {', '.join(points)} cannot run")
