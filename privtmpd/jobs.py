@@ -193,6 +193,13 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
                 on_cgroup=lambda cg, n: info["cgroups"].append(f"{cg[1]} ({n})"))
         except proc.StillRunning as e:
             raise namespace.NamespaceError(str(e)) from None
+    tmpfs_points = [m for m in state.get("mounts") or () if mountopts.is_tmpfs_state(state, m)]
+    tmpfs = None
+    if tmpfs_points and ns_id:
+        # Their usage is one statvfs each, read from inside the namespace
+        # now that its processes are gone and before the unpin frees it:
+        # the tmpfs lives nowhere else.
+        tmpfs = mountopts.tmpfs_totals(mountopts.tmpfs_usage(names.pin_path(cfg.rundir, job), tmpfs_points))
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         runstate.unpin(cfg, job)
         info["unpinned"] = True
@@ -205,6 +212,8 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
             if not (isinstance(base, list) and len(base) == 2 and all(type(n) is int for n in base)):
                 base = [0, 0]
             info["usage"] = {"bytes": max(counts[0] - base[0], 0), "files": max(counts[1] - base[1], 0)}
+            if tmpfs:
+                info["usage"] = {k: info["usage"][k] + tmpfs[k] for k in ("bytes", "files")}
     with jobdirs.parent_fd(cfg) as pfd:
         for r in runs_to_tear_down(state, restart_hint):
             dname = names.job_dir_name(cfg.base_name, job, r)
@@ -218,8 +227,12 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
             if tname:
                 info["dirs"].append(dname)
                 if on_trash:
-                    # Without a statvfs, the removal's walk gives the usage.
-                    on_trash(cfg.base_parent, tname, usage_ok=info["usage"] is None)
+                    # Without a statvfs, the removal's walk gives the usage
+                    # (plus the tmpfs= points', once: the first directory).
+                    on_trash(cfg.base_parent, tname, usage_ok=info["usage"] is None,
+                             usage_extra=None if info["dirs"][1:] else tmpfs)
+    if tmpfs and not info["dirs"] and not info["kept"] and info["usage"] is None:
+        info["usage"] = tmpfs           # every mount point a tmpfs=
     runstate.remove_state(cfg, job)
     return info
 
@@ -240,8 +253,8 @@ class Jobs:
     def _trash_for(self, user, usage=True):
         """on_trash for create/destroy.  usage=False for directories that
         are not a job's final state (a rolled-back create's, empty)."""
-        return lambda parent, name, usage_ok=False, **_: self.removals.queue(parent, name, user,
-                                                                             usage=usage and usage_ok)
+        return lambda parent, name, usage_ok=False, usage_extra=None, **_: self.removals.queue(
+            parent, name, user, usage=usage and usage_ok, usage_extra=usage_extra)
 
     def _cancel_script(self, job, reason):
         run = self.scripts.pop(job, None)

@@ -84,17 +84,21 @@ def is_tmpfs_state(state, mount):
 
 
 def statvfs_usage(path):
-    """(bytes used, bytes size) of the filesystem at path."""
+    """(bytes used, bytes size, entries) of the filesystem at path; entries
+    are the inodes in use but the root's (None where the filesystem counts
+    no inodes: a tmpfs with nr_inodes=0)."""
     v = os.statvfs(path)
-    return (v.f_blocks - v.f_bfree) * v.f_frsize, v.f_blocks * v.f_frsize
+    entries = v.f_files - v.f_ffree - 1 if v.f_files else None
+    return (v.f_blocks - v.f_bfree) * v.f_frsize, v.f_blocks * v.f_frsize, entries
 
 
 USAGE_SECONDS = 2.0
 
 
 def tmpfs_usage(pin_path, mounts):
-    """{mount point: [bytes used, bytes size]} of a job's tmpfs= points, read
-    with statvfs from inside its namespace, or {} when that fails.
+    """{mount point: [bytes used, bytes size, entries]} of a job's tmpfs=
+    points, read with statvfs from inside its namespace, or {} when that
+    fails.
 
     The tmpfs exists only in the job's namespace, so a forked child
     (single-threaded, as setns needs; the daemon itself never leaves the
@@ -115,8 +119,8 @@ def tmpfs_usage(pin_path, mounts):
         kernel.setns(nsfd, kernel.CLONE_NEWNS, pin_path)
         out = []
         for m in wanted:
-            used, size = statvfs_usage(m)
-            out.append(f"{m} {used} {size}\n")
+            used, size, entries = statvfs_usage(m)
+            out.append(f"{m} {used} {size} {-1 if entries is None else entries}\n")
         os.write(w, "".join(out).encode())
 
     try:
@@ -127,9 +131,18 @@ def tmpfs_usage(pin_path, mounts):
         os.close(nsfd)
     usage = {}
     for line in (data or b"").decode(errors="replace").splitlines():
-        m, used, size = line.rsplit(" ", 2)
-        usage[m] = [int(used), int(size)]
+        m, used, size, entries = line.rsplit(" ", 3)
+        usage[m] = [int(used), int(size), None if entries == "-1" else int(entries)]
     return usage
+
+
+def tmpfs_totals(usage):
+    """{"bytes", "files"} over the tmpfs_usage of a job's points, for its
+    op=usage line; None when a point could not be read or counts no
+    inodes (a partial sum would read as the job's usage)."""
+    if not usage or any(u[2] is None for u in usage.values()):
+        return None
+    return {"bytes": sum(u[0] for u in usage.values()), "files": sum(u[2] for u in usage.values())}
 
 
 def config_json(cfg):

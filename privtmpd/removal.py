@@ -67,6 +67,7 @@ class _Removal:
     pid: int = 0                            # RUNNING: the worker
     report_fd: int = -1                     # RUNNING: its report pipe
     usage: bool = False                     # log the job's usage from this removal's counts
+    usage_extra: Optional[dict] = None      # plus these (the job's tmpfs= points: bytes, files)
     sweep: Optional[dict] = None            # leftovers.sweep()'s arguments: a sweep, not a tree
 
     @property
@@ -91,14 +92,14 @@ class RemovalQueue:
 
     # --- what is there ----------------------------------------------------
 
-    def queue(self, parent: str, name: str, user=None, usage=False) -> None:
+    def queue(self, parent: str, name: str, user=None, usage=False, usage_extra=None) -> None:
         """Queue parent/name for removal, once (again while queued,
         running or waiting for a retry is a no-op).  usage: the tree is a
-        job's private directories as the job left them; its counts are the
-        job's usage."""
+        job's private directories as the job left them; its counts, plus
+        usage_extra's, are the job's usage."""
         r = self._all.get((parent, name))
         if r is None:
-            r = self._all[(parent, name)] = _Removal(parent, name, user, usage=usage)
+            r = self._all[(parent, name)] = _Removal(parent, name, user, usage=usage, usage_extra=usage_extra)
             self._order.append((parent, name))
         elif r.user is None:
             r.user = user
@@ -341,8 +342,9 @@ class RemovalQueue:
         if r.usage and r.attempts == 0 and "files" in info and not info.get("image"):
             # The first attempt's counts are the job's; a retry only sees
             # what the first one left.
+            extra = r.usage_extra or {"bytes": 0, "files": 0}
             log_usage(self.metrics, job, user, "removal", "partial" if failed else "ok",
-                      info["files"], info["dirs"], info["bytes"] if sized else None)
+                      info["files"] + extra["files"], info["dirs"], info["bytes"] + extra["bytes"] if sized else None)
         if "files" in info:
             self.metrics.inc("privtmpd_removed_files_total", info["files"])
             self.metrics.inc("privtmpd_removed_dirs_total", info["dirs"])

@@ -144,3 +144,30 @@ def test_log_usage_without_bytes_leaves_the_bytes_histogram_alone():
     m = metrics.Metrics(config.Config())
     removal.log_usage(m, 1, "u", "removal", "ok", 12, 3, None)
     assert m.hist["privtmpd_job_bytes"][-1] == 0 and m.hist["privtmpd_job_files"][-1] == 1
+
+
+def test_tmpfs_points_count_in_the_jobs_usage(daemon_factory, mdir):
+    """tmpfs=/tmp: one statvfs from inside the namespace at teardown (the
+    tmpfs is gone after), added to what the removal of /var/tmp counted."""
+    d = daemon_factory(f"tmpfs=/tmp:16m metrics_dir={mdir}")
+    create(d, 86)
+    fill(d, 86, 3, 2 * MiB)             # f0..f2 in the tmpfs, sub/y on disk
+    assert d.destroy(86)["ok"]
+    d.wait_removals()
+    u = usage_line(d, 86)
+    assert u["source"] == "removal" and u["result"] == "ok"
+    assert u["files"] == "4", u         # f0 f1 f2 in the tmpfs; sub/y removed (sub counts in dirs)
+    assert 6 * MiB <= int(u["bytes"]) <= 6 * MiB + 64 * 1024, u
+
+
+def test_tmpfs_only_job_usage_is_its_statvfs(daemon_factory, mdir):
+    d = daemon_factory(f"tmpfs=/tmp:16m tmpfs=/var/tmp:4m metrics_dir={mdir}")
+    create(d, 87)
+    fill(d, 87, 2, 3 * MiB)             # f0 f1 in /tmp, sub/ and sub/y in /var/tmp
+    assert d.destroy(87)["ok"]
+    d.wait_removals()
+    u = usage_line(d, 87)           # the removal of the empty job directory carries it
+    assert u["files"] == "4" and 6 * MiB <= int(u["bytes"]) <= 6 * MiB + 64 * 1024, u
+    s = wait_for(lambda: samples(mdir).get(("privtmpd_job_bytes_count", None)) == 1 and samples(mdir), 15,
+                 "the job in privtmpd_job_bytes")
+    assert s[("privtmpd_job_bytes_bucket", "16777216")] == 1
