@@ -181,19 +181,20 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         top = f"{state['dir']}/{limitfs.LIMITED_FS}" if state.get("limit") else state["dir"]
         subdirs = [f"{top}/{names.mount_dirname(m)}" for m in state["mounts"]
                    if isinstance(m, str) and not mountopts.is_tmpfs_state(state, m)]
-    if ns_id or (subdirs and state.get("state") == runstate.STATE_READY):
+    tmpfs_points = [m for m in state.get("mounts") or () if mountopts.is_tmpfs_state(state, m)]
+    marks = mountopts.tmpfs_marks(job) if tmpfs_points else ()
+    if ns_id or ((subdirs or marks) and state.get("state") == runstate.STATE_READY):
         # Without a pin (unmounted by someone), the job's namespace lives on
         # as long as a process is in it: those are found by the job's
-        # directories mounted in their namespace.
+        # directories, or its tmpfs mounts, mounted in their namespace.
         target = ns_id or (os.stat("/proc/self/ns/mnt").st_dev, 0)
         uid = state.get("uid") if type(state.get("uid")) is int else None
         try:
             info["killed"] = proc.kill_processes_in(
                 target, cfg.kill_timeout, subdirs, uid, job,
-                on_cgroup=lambda cg, n: info["cgroups"].append(f"{cg[1]} ({n})"))
+                on_cgroup=lambda cg, n: info["cgroups"].append(f"{cg[1]} ({n})"), marks=marks)
         except proc.StillRunning as e:
             raise namespace.NamespaceError(str(e)) from None
-    tmpfs_points = [m for m in state.get("mounts") or () if mountopts.is_tmpfs_state(state, m)]
     tmpfs = None
     if tmpfs_points and ns_id:
         # Their usage is one statvfs each, read from inside the namespace

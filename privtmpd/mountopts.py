@@ -33,21 +33,32 @@ def extra_flags(cfg, mount):
     return flags
 
 
-# The mount source of a tmpfs sized from the job's memory (tmpfs=<dir>:job:N%,
-# shm=job:N%).  The daemon cannot know the job's memory on the node when the
-# Prolog runs, so it mounts N% of the RAM; the entry helper finds these
-# mounts by this source in the job's /proc/self/mountinfo and resizes each
-# to N% of S_JOB_ALLOC_MEM in the job's first task.  The mark cannot be
-# forged: the pinned namespace belongs to the initial user namespace, so
-# only root on the host can mount in it.  spank/privtmpd_spank.c reads the
-# same format.
-JOB_SHARE_SOURCE = "privtmpd-job:{}"
+# The mount source of each private tmpfs names its job: privtmpd.<job>, and
+# privtmpd.<job>:job:N% for one sized from the job's memory (tmpfs=<dir>:
+# job:N%, shm=job:N%).
+# - The daemon cannot know the job's memory on the node when the Prolog
+#   runs, so it mounts N% of the RAM; the entry helper finds these mounts by
+#   their source in the job's /proc/self/mountinfo and resizes each to N% of
+#   S_JOB_ALLOC_MEM in the job's first task (spank/privtmpd_spank.c reads
+#   the same format).  The mark cannot be forged there: the pinned
+#   namespace belongs to the initial user namespace, so only root on the
+#   host mounts in it.
+# - Teardown finds the job's processes in namespaces copied from the job's
+#   (a user's unshare -Urm) by this source when the job has no directory
+#   under base to look for (every mount point a tmpfs=, and its pin gone):
+#   see proc._Matcher.  A user can put the source on a tmpfs of their own
+#   user namespace, but the matcher only counts the job user's processes.
 
 
-def tmpfs_source(size):
-    """The mount source for a tmpfs of this size= ("tmpfs", or the
-    entry helper's mark for a share of the job's memory)."""
-    return JOB_SHARE_SOURCE.format(size[4:]) if size.startswith("job:") else "tmpfs"
+def tmpfs_source(size, job):
+    """The mount source of job's tmpfs of this size=."""
+    return f"privtmpd.{job}:{size}" if size.startswith("job:") else f"privtmpd.{job}"
+
+
+def tmpfs_marks(job):
+    """How job's tmpfs mounts look in /proc/PID/mountinfo (after " - "):
+    whole-field patterns of their fstype and source, for proc._Matcher."""
+    return (f" - tmpfs privtmpd.{job} ".encode(), f" - tmpfs privtmpd.{job}:".encode())
 
 
 def tmpfs_data(size):
@@ -66,7 +77,7 @@ def tmpfs_plan(cfg):
     return [(m, cfg.tmpfs_size(m), extra_flags(cfg, m)) for m in sorted(cfg.mounts) if cfg.tmpfs_size(m)]
 
 
-def mount_tmpfs(target, size, extra):
+def mount_tmpfs(target, size, extra, job):
     """Mount a fresh tmpfs on target: the directory open at an O_PATH fd
     opened with O_NOFOLLOW before anything was mounted (the mount lands on
     that inode, never on whatever a path resolves to later), or /dev/shm.
@@ -74,7 +85,7 @@ def mount_tmpfs(target, size, extra):
     namespace: no file of it is ever on the host's disk, and it is freed
     when the namespace is (unpinned, last process gone)."""
     where = target if isinstance(target, str) else f"/proc/self/fd/{target}"
-    kernel.mount(tmpfs_source(size), where, "tmpfs", ALWAYS | extra, tmpfs_data(size))
+    kernel.mount(tmpfs_source(size, job), where, "tmpfs", ALWAYS | extra, tmpfs_data(size))
 
 
 def is_tmpfs_state(state, mount):

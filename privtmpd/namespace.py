@@ -41,7 +41,7 @@ def build_and_pin(cfg, job, binds, timeout):
     reaches the one where the daemon's own namespace was made."""
     cpus = sorted(os.sched_getaffinity(0))
     for cpu in [None] + cpus:
-        nsfd = build_namespace(binds, cfg.shm, timeout, cpu, tmpfs=mountopts.tmpfs_plan(cfg))
+        nsfd = build_namespace(binds, cfg.shm, timeout, cpu, tmpfs=mountopts.tmpfs_plan(cfg), job=job)
         try:
             runstate.pin(cfg, job, nsfd)
             return
@@ -66,7 +66,7 @@ def _mount_flags_of(fd):
     return flags
 
 
-def _setup_in(binds, shm, opened, tmpfs=()):
+def _setup_in(binds, shm, opened, tmpfs=(), job=0):
     """Runs in the namespace thread: unshare, rslave, bind, remount, mount
     the tmpfs= points.  Every fd it opens is appended to `opened` (the fd
     table is the daemon's).  binds: (target, source path, dev, ino[, extra
@@ -107,10 +107,10 @@ def _setup_in(binds, shm, opened, tmpfs=()):
         opened.append(top)
         kernel.mount(None, f"/proc/self/fd/{top}", None, kernel.MS_REMOUNT | kernel.MS_BIND | flags)
     for tgt, size, extra in fresh:
-        mountopts.mount_tmpfs(tgt, size, extra)
+        mountopts.mount_tmpfs(tgt, size, extra, job)
     if shm:
         # shm=job:N% is marked like tmpfs=<dir>:job:N% for the entry helper.
-        mountopts.mount_tmpfs("/dev/shm", shm, 0)
+        mountopts.mount_tmpfs("/dev/shm", shm, 0, job)
     # /proc/thread-self: /proc/self would name the main thread's namespace.
     return os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -126,9 +126,9 @@ class _NamespaceThread(threading.Thread):
     namespace, and a failure half-way leaves nothing behind but a namespace
     no one references."""
 
-    def __init__(self, binds, shm, cpu=None, tmpfs=()):
+    def __init__(self, binds, shm, cpu=None, tmpfs=(), job=0):
         super().__init__(name="privtmpd-ns", daemon=True)
-        self.binds, self.shm, self.cpu, self.tmpfs = binds, shm, cpu, tmpfs
+        self.binds, self.shm, self.cpu, self.tmpfs, self.job = binds, shm, cpu, tmpfs, job
         self.lock = threading.Lock()
         self.abandoned = False      # the daemon gave up waiting (timeout)
         self.nsfd = None
@@ -139,7 +139,7 @@ class _NamespaceThread(threading.Thread):
         try:
             if self.cpu is not None:
                 os.sched_setaffinity(0, {self.cpu})     # this thread only
-            nsfd = _setup_in(self.binds, self.shm, opened, self.tmpfs)
+            nsfd = _setup_in(self.binds, self.shm, opened, self.tmpfs, self.job)
         except BaseException as e:      # noqa: BLE001 - handed to the daemon
             self.error = e
             nsfd = None
@@ -165,11 +165,11 @@ class _NamespaceThread(threading.Thread):
         return self.nsfd
 
 
-def build_namespace(binds, shm, timeout=30.0, cpu=None, tmpfs=()):
+def build_namespace(binds, shm, timeout=30.0, cpu=None, tmpfs=(), job=0):
     """A new mount namespace, a rslave copy of the host's with binds
     (target, source path, dev, ino[, extra flags]) mounted, tmpfs (target,
     tmpfs= size, extra flags) mounted and shm's tmpfs; returns an O_RDONLY fd on
     it.  cpu: build it on that CPU (see build_and_pin)."""
-    t = _NamespaceThread(binds, shm, cpu, tmpfs)
+    t = _NamespaceThread(binds, shm, cpu, tmpfs, job)
     t.start()
     return t.result(timeout)

@@ -114,23 +114,27 @@ def mount_roots(paths):
     return out
 
 
-def _holds(table, roots):
+def _holds(table, roots, marks=()):
+    """Whether a mount table has one of roots (job directories) mounted, or
+    a mount whose " - fstype source " part matches one of marks (the job's
+    tmpfs mounts, mountopts.tmpfs_marks)."""
     return any(mdev == dev and (root == top or root.startswith(top + b"/"))
-               for mdev, root, _, _ in table for dev, top in roots)
+               for mdev, root, _, _ in table for dev, top in roots) \
+        or any(mark in rest for _, _, _, rest in table for mark in marks)
 
 
-def _mounts_any_of(pid, roots):
+def _mounts_any_of(pid, roots, marks=()):
     try:
         table = mountinfo(pid)
     except OSError:
         return False
-    return _holds(table, roots)
+    return _holds(table, roots, marks)
 
 
 PROBE_SECONDS = 2.0
 
 
-def _ns_mounts_any_of(nsfd, roots):
+def _ns_mounts_any_of(nsfd, roots, marks=()):
     """Whether the mount namespace open on nsfd has one of roots mounted,
     seen from the namespace's own root.  /proc/PID/mountinfo shows only the
     mounts under that process's root: a user who chroots (or pivots) in a
@@ -139,7 +143,7 @@ def _ns_mounts_any_of(nsfd, roots):
     which puts it at the namespace's root, and reads its own mountinfo."""
     def probe(w):
         kernel.setns(nsfd, kernel.CLONE_NEWNS)
-        os.write(w, b"1" if _holds(mountinfo(), roots) else b"0")
+        os.write(w, b"1" if _holds(mountinfo(), roots, marks) else b"0")
     return forked.run(probe, PROBE_SECONDS) == b"1"
 
 
@@ -157,14 +161,16 @@ class _Matcher:
     user's or its user namespace is (a container's processes run under
     subordinate uids).  Where those directories are mounted from
     (mount_roots) is only worked out when such a process turns up: it reads
-    the host's mountinfo, one line per live job.
+    the host's mountinfo, one line per live job.  marks: the same for the
+    job's tmpfs mounts, found by their source (mountopts.tmpfs_marks), for
+    a job with no directory to look for.
 
     Verdicts are kept per namespace, and each judged namespace is held open
     (close() releases them): a namespace inode number is reused as soon as
     it is freed, and a new namespace must not inherit an old verdict."""
 
-    def __init__(self, ns_id, holding=(), uid=None):
-        self.holding, self.uid = holding, uid
+    def __init__(self, ns_id, holding=(), uid=None, marks=()):
+        self.holding, self.uid, self.marks = holding, uid, marks
         self.roots = None
         self.held = []
         self.valid = ns_id[0] == os.stat("/proc/self/ns/mnt").st_dev
@@ -218,7 +224,7 @@ class _Matcher:
             # Only the job's user can have made a namespace from the job's
             # (unless root did): reading every foreign namespace's mountinfo
             # would let any user slow every Epilog with many mounts.
-            if not self.holding or not self._users(pid):
+            if not (self.holding or self.marks) or not self._users(pid):
                 return False
             try:
                 self.held.append(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC))
@@ -228,8 +234,8 @@ class _Matcher:
                 return False    # the process changed namespace meanwhile: judged next time
             if self.roots is None:
                 self.roots = mount_roots(self.holding)
-            self.verdict[ident] = bool(self.roots) and (_mounts_any_of(pid, self.roots)
-                                                        or _ns_mounts_any_of(self.held[-1], self.roots))
+            self.verdict[ident] = bool(self.roots or self.marks) and (
+                _mounts_any_of(pid, self.roots, self.marks) or _ns_mounts_any_of(self.held[-1], self.roots, self.marks))
         return self.verdict[ident]
 
     def close(self):
@@ -238,11 +244,11 @@ class _Matcher:
         self.held = []
 
 
-def processes_in(ns_id, holding=(), uid=None):
+def processes_in(ns_id, holding=(), uid=None, marks=()):
     """PIDs whose mount namespace is ns_id (dev, ino), or (with holding) a
     namespace of the job's user that mounts one of the job's directories.
     A snapshot, good for display; kill_processes_in is what proves none."""
-    match = _Matcher(ns_id, holding, uid)
+    match = _Matcher(ns_id, holding, uid, marks)
     try:
         if not match.valid:
             return []           # not a namespace: no process can be in it
@@ -303,7 +309,7 @@ def _pidfd(pid):
         return -1               # no pidfd_open (Linux < 5.3): os.kill, as before
 
 
-def kill_processes_in(ns_id, timeout, holding=(), uid=None, job=None, on_cgroup=None):
+def kill_processes_in(ns_id, timeout, holding=(), uid=None, job=None, on_cgroup=None, marks=()):
     """SIGKILL every process of the job's namespace (see _Matcher) until
     there is evidence that none is left (module docstring).  Slurm has had
     its chance to end them; what remains escaped its process tracking.
@@ -323,7 +329,7 @@ def kill_processes_in(ns_id, timeout, holding=(), uid=None, job=None, on_cgroup=
     again, so a PID reused meanwhile is never hit.  Returns the PIDs
     killed; raises StillRunning when processes of the job are still found
     after `timeout` seconds."""
-    match = _Matcher(ns_id, holding, uid)
+    match = _Matcher(ns_id, holding, uid, marks)
     loadavg = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if not match.valid:

@@ -130,8 +130,8 @@ static int set_host_tmp(spank_t sp, const char *base, uint32_t jobid,
 /*
  * tmpfs=<dir>:job:N% and shm=job:N% in privtmpd.conf: the daemon cannot know
  * the job's memory on this node when the Prolog runs, so it mounts N% of the
- * RAM with the source "privtmpd-job:N%"; here, in the namespace, each such
- * mount is resized to N% of S_JOB_ALLOC_MEM.  The mark cannot be forged:
+ * RAM with the source "privtmpd.<job>:job:N%"; here, in the namespace, each
+ * such mount is resized to N% of S_JOB_ALLOC_MEM.  The mark cannot be forged:
  * the pinned namespace belongs to the initial user namespace, so only root
  * on the host mounts in it.  Only a tmpfs mounted whole (root "/") is
  * resized, since MS_REMOUNT changes the superblock; and only the mount the
@@ -165,7 +165,7 @@ static int resize_job_tmpfs(uint64_t mem_mb, struct pin *p)
 				    &min, root, mp) != 4 ||
 		    sscanf(dash + 3, "%15s %31s", fstype, src) != 2 ||
 		    strcmp(fstype, "tmpfs") || strcmp(root, "/") ||
-		    sscanf(src, "privtmpd-job:%lu%%%n", &pct, &n) != 1 ||
+		    sscanf(src, "privtmpd.%*u:job:%lu%%%n", &pct, &n) != 1 ||
 		    !n || src[n] || pct < 1 || pct > 100)
 			continue;
 		snprintf(what, sizeof(what), "cannot resize the job's tmpfs "

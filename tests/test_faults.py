@@ -311,6 +311,35 @@ def test_pin_taken_away_teardown_still_succeeds(daemon, how, figures):
     figures(f"pin {how} by someone else, then Epilog", killed=len(r["killed"]), failures=0, leaked=0)
 
 
+@pytest.mark.parametrize("where", ["job-namespace-pin-gone", "users-own-namespace"])
+def test_tmpfs_only_job_processes_are_found_by_their_tmpfs(daemon_factory, where):
+    """Every mount point a tmpfs=: the job has no directory under base for
+    teardown to look for.  Its processes are found by the source of its
+    tmpfs mounts instead, whether the pin was taken away or a process sits
+    in a user+mount namespace of the user's own (which holds copies)."""
+    d = daemon_factory("tmpfs=/tmp:8m tmpfs=/var/tmp:8m")
+    assert d.create(12)["ok"]
+    pin = d.pin(12)
+    argv = ["nsenter", f"--mount={pin}", "--", "setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups"]
+    if where == "users-own-namespace":
+        argv += ["unshare", "-Urm"]
+    job_proc = subprocess.Popen(argv + ["sleep", "300"])
+    try:
+        deadline = time.monotonic() + 10
+        while not os.readlink(f"/proc/{job_proc.pid}/exe").endswith("sleep"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        if where == "job-namespace-pin-gone":
+            subprocess.run(["umount", "-l", pin], check=True)
+        r = d.destroy(12, restart=0)
+        assert r["ok"] and job_proc.pid in r["killed"], r
+        assert job_proc.wait(10) == -9
+    finally:
+        if job_proc.poll() is None:
+            job_proc.kill()
+            job_proc.wait()
+
+
 def test_restart_with_replaced_pin_rolls_back(daemon):
     assert daemon.create(9)["ok"]
     subprocess.run(["umount", "-l", daemon.pin(9)], check=True)

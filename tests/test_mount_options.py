@@ -225,8 +225,8 @@ def test_tmpfs_share_of_the_jobs_memory_is_marked_for_the_entry_helper(daemon_fa
     d.create(322)
     lines = nsenter(d.pin(322), "cat", "/proc/self/mountinfo").stdout.splitlines()
     mine = {ln.split()[4]: ln for ln in lines}
-    assert " - tmpfs privtmpd-job:30% " in mine["/var/tmp"], mine["/var/tmp"]
-    assert " - tmpfs privtmpd-job:20% " in mine["/dev/shm"], mine["/dev/shm"]
+    assert " - tmpfs privtmpd.322:job:30% " in mine["/var/tmp"], mine["/var/tmp"]
+    assert " - tmpfs privtmpd.322:job:20% " in mine["/dev/shm"], mine["/dev/shm"]
     assert "noexec" in mine["/var/tmp"].split()[5]
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     out = nsenter(d.pin(322), "stat", "-f", "-c", "%b %S", "/var/tmp").stdout.split()

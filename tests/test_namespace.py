@@ -327,7 +327,7 @@ def test_namespace_thread_abandoned_on_timeout(monkeypatch):
 
     release = threading.Event()
 
-    def slow_setup(binds, shm, opened, tmpfs=()):
+    def slow_setup(binds, shm, opened, tmpfs=(), job=0):
         release.wait(10)
         return os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
 
