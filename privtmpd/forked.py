@@ -11,7 +11,9 @@ import os
 import select
 import signal
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
+
+from . import kernel
 
 
 def run(body: Callable[[int], None], seconds: float) -> Optional[bytes]:
@@ -51,3 +53,32 @@ def run(body: Callable[[int], None], seconds: float) -> Optional[bytes]:
             pass
         os.waitpid(pid, 0)
     return data if in_time else None
+
+
+PR_SET_DUMPABLE = 4
+
+
+def become_user(uid: int, gid: int, keep: Iterable[int]) -> None:
+    """In a forked child that is to act with a job user's rights only: the
+    fds in keep stay open (0-2 go to /dev/null, not the daemon's log), every
+    other one is closed (the daemon's sockets and the directories of other
+    users it works on are not for a process the user may signal or
+    ptrace), then uid and gid with no supplementary groups (never more than
+    the user), not dumpable, and killed with its parent (set after the uid
+    change, which clears the parent-death signal)."""
+    null = os.open("/dev/null", os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    os.close(null)
+    low = 3
+    for fd in sorted(set(keep)):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    kernel.prctl(PR_SET_DUMPABLE, 0)
+    kernel.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)         # the parent died before prctl

@@ -48,7 +48,6 @@ NAMES_SHOWN = 10            # names in the log line
 CLOCK_SLACK = 0.1
 
 REMOVE, REPORT = "remove", "report"
-PR_SET_DUMPABLE = 4
 
 
 def shared_points(cfg) -> List[str]:
@@ -122,28 +121,11 @@ def sweep(points: Iterable[str], uid: int, gid: int, since: float, until: float,
             # Imported while still root: the user may not be able to read
             # the Python installation (one under /root, a private venv).
             codecs.lookup("unicode_escape")
-            drop_to_user(w)
+            forked.become_user(uid, gid, keep=(w,))
             report = _sweep_here(points, uid, since, until, remove)
         except Exception as e:  # noqa: BLE001 - the report says what went wrong
             report = {"found": 0, "removed": 0, "names": [], "errors": [describe(e)], "truncated": True}
         os.write(w, json.dumps(report).encode()[:60000])
-
-    def drop_to_user(w: int) -> None:
-        null = os.open("/dev/null", os.O_RDWR)
-        for std in (0, 1, 2):
-            os.dup2(null, std)
-        os.close(null)
-        # Nothing of the daemon's stays open in a process the user may
-        # signal: only the report pipe.
-        os.closerange(3, w)
-        os.closerange(w + 1, 1 << 20)
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        kernel.prctl(PR_SET_DUMPABLE, 0)
-        kernel.set_pdeathsig(9)
-        if os.getppid() == 1:
-            os._exit(1)         # the parent died before prctl
 
     data = forked.run(body, SECONDS)
     if data is None:

@@ -782,37 +782,19 @@ def _empty_child(top: int, sub: str, stats: RemoveStats, fix: bool = False) -> N
 
 
 AS_OWNER_SECONDS = PASSES_SECONDS     # a remover with a user's rights has this long, then is killed
-PR_SET_DUMPABLE = 4
 
 
 def _empty_as(top: int, sub: str, uid: int, gid: int, stats: RemoveStats) -> None:
     """_empty_child in a forked child that has only uid's and gid's rights.
 
-    The child runs as the user, so the user can signal it (SIGSTOP) or keep
-    feeding its directory: it is killed after AS_OWNER_SECONDS and the
-    removal reported incomplete (retried later).  It keeps no fd but its
-    pipe and the top directory (the daemon's others, e.g. directories of
-    other users it is measuring, are not for a process the user may
-    ptrace), is not dumpable, and dies with its parent (set after the uid
-    change, which clears the parent-death signal)."""
+    The child runs as the user (forked.become_user: no fd but its pipe and
+    the top directory), so the user can signal it (SIGSTOP) or keep feeding
+    its directory: it is killed after AS_OWNER_SECONDS and the removal
+    reported incomplete (retried later)."""
     import json
 
     def remove(w: int) -> None:
-        null = os.open("/dev/null", os.O_RDWR)
-        for std in (0, 1, 2):
-            os.dup2(null, std)      # not the daemon's log stream
-        os.close(null)
-        keep = sorted({top, w})
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, 1 << 20)
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        kernel.prctl(PR_SET_DUMPABLE, 0)
-        kernel.set_pdeathsig(9)
-        if os.getppid() == 1:
-            os._exit(1)         # the parent died before prctl
+        forked.become_user(uid, gid, keep=(top, w))
         child = RemoveStats()
         _empty_child(top, sub, child, fix=True)
         os.write(w, json.dumps(child.__dict__).encode()[:60000])
