@@ -1,17 +1,20 @@
-"""One way to run work in a forked child with a time limit.
+"""Work in forked children, each with one pipe back to its parent.
 
-Used where the work must not run in the daemon itself: a setns() into a
-user's namespace (setns needs a single-threaded caller, and the daemon must
-stay in its own namespace), or a removal with only the job user's rights.
-The child's one channel back is a pipe; the parent waits at most `seconds`
-for it to reach EOF, then kills the child (SIGKILL) and reaps it either way,
-so a child the user stopped or fed forever costs at most that long."""
+- run(): a short piece of work the caller waits for, with a time limit:
+  a setns() into a user's namespace (setns needs a single-threaded caller,
+  and the daemon must stay in its own namespace), or a removal with only
+  the job user's rights.  The parent waits at most `seconds` for the pipe
+  to reach EOF, then kills the child (SIGKILL) and reaps it either way, so
+  a child the user stopped or fed forever costs at most that long.
+- spawn(): a child the daemon's event loop watches and reaps by its PID
+  (removal workers, namespace scripts), started the same way for all.
+- become_user(): in a child, a job user's rights and nothing more."""
 
 import os
 import select
 import signal
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Tuple
 
 from . import kernel
 
@@ -82,3 +85,36 @@ def become_user(uid: int, gid: int, keep: Iterable[int]) -> None:
     kernel.set_pdeathsig(signal.SIGKILL)
     if os.getppid() == 1:
         os._exit(1)         # the parent died before prctl
+
+
+def spawn(child: Callable[[int], None]) -> Tuple[int, int]:
+    """Fork a child of the daemon's event loop; returns (pid, the read end
+    of its pipe).  In the child, before child(w) runs with the write end:
+    it dies with the daemon (a worker left behind would race the next
+    daemon's), the signals the daemon handles get their default action
+    back (and SIGPIPE, which Python ignores and an exec would keep
+    ignoring), and the daemon's wakeup fd is let go.  The child exits 127
+    if child() returns or raises without exiting itself: nothing of the
+    daemon's Python state (finally blocks, atexit) runs in it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    daemon_pid = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
+    if pid == 0:
+        try:
+            os.close(r)
+            kernel.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != daemon_pid:      # the daemon died before prctl
+                os._exit(127)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            child(w)
+        finally:
+            os._exit(127)
+    os.close(w)
+    return pid, r

@@ -29,7 +29,7 @@ import os
 import signal
 import time
 
-from . import kernel, names
+from . import forked, kernel, names
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -119,34 +119,15 @@ class ScriptRun:
     # --- the child ---------------------------------------------------------
 
     def _spawn(self, pin):
-        r, w = os.pipe2(os.O_CLOEXEC)
-        daemon_pid = os.getpid()
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(r)
-            os.close(w)
-            raise
-        if pid == 0:
-            try:
-                self._child(pin, w, daemon_pid)
-            finally:
-                os._exit(127)
-        os.close(w)
+        pid, r = forked.spawn(lambda w: self._child(pin, w))
         os.set_blocking(r, False)
         return pid, r
 
-    def _child(self, pin, w, daemon_pid):
+    def _child(self, pin, w):
+        """In the forked child (forked.spawn): a session of its own, so that
+        a time limit or a cancel kills the script's whole process group."""
         try:
             os.setsid()
-            kernel.set_pdeathsig(signal.SIGKILL)
-            if os.getppid() != daemon_pid:
-                os._exit(127)
-            # Python ignores SIGPIPE, and an ignored signal stays ignored
-            # across execve: the script gets the defaults.
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
             null = os.open("/dev/null", os.O_RDWR)
             os.dup2(null, 0)
             os.dup2(w, 1)

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import jobdirs, kernel, leftovers, limitfs, names, safefs
+from . import forked, jobdirs, leftovers, limitfs, names, safefs
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -224,35 +224,20 @@ class RemovalQueue:
         return True
 
     def _start_worker(self, r: _Removal) -> None:
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        daemon_pid = os.getpid()
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(rfd)
-            os.close(wfd)
-            raise               # the removal stays queued; tried again next turn
-        if pid == 0:
-            self._worker(daemon_pid, rfd, wfd, r)      # never returns
-        os.close(wfd)
+        # An OSError from fork leaves the removal queued: tried again next turn.
+        pid, rfd = forked.spawn(lambda wfd: self._worker(wfd, r))
         self._order.remove((r.parent, r.name))
         if not r.handed_over:
             r.stats = None
         r.started = time.monotonic()
         r.where, r.pid, r.report_fd = RUNNING, pid, rfd
 
-    def _worker(self, daemon_pid: int, rfd: int, wfd: int, r: _Removal) -> None:
+    def _worker(self, wfd: int, r: _Removal) -> None:
+        """In the forked worker (forked.spawn: it dies with its daemon, as it
+        does on a SIGTERM stop; the next daemon finds the trash name and
+        resumes the removal)."""
         code = 1
         try:
-            # A worker dies with its daemon, as it does on a SIGTERM stop:
-            # the next daemon finds the trash name and resumes the removal,
-            # and an orphaned worker would race that new worker.
-            kernel.set_pdeathsig(signal.SIGKILL)
-            if os.getppid() != daemon_pid:     # the daemon died before prctl
-                os._exit(1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
             self.close_in_worker()
             # Lowest priority: a big removal must not slow the jobs that
             # run meanwhile.
@@ -260,7 +245,6 @@ class RemovalQueue:
                 os.nice(10)
             except OSError:
                 pass
-            os.close(rfd)
             if r.sweep is not None:
                 args = {k: v for k, v in r.sweep.items() if k != "job"}
                 os.write(wfd, json.dumps(leftovers.sweep(**args)).encode()[:_REPORT_MAX])
