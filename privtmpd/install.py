@@ -24,7 +24,7 @@ import os
 import stat
 import sys
 
-from . import __version__
+from . import __version__, safefs
 
 _SRC_TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBIN_DIR = "/usr/sbin"
@@ -219,28 +219,14 @@ def _open_trusted_dir(root, d):
     real, real_top = os.path.realpath(root + d), os.path.realpath(top)
     if real != real_top and not real.startswith(real_top.rstrip("/") + "/"):
         raise _Untrusted(f"{root + d} leads through a symlink to {real}, outside {top}")
-    fd = os.open(real_top, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    def root_only(st):
+        if not _root_only(st):
+            raise _Untrusted(f"{real}: a directory on the way is uid {st.st_uid}, mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}: not root's alone")
     try:
-        for part in real[len(real_top):].strip("/").split("/"):
-            if not part:
-                continue
-            try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _Untrusted(f"{real} was replaced while it was checked ({part} is no longer a "
-                                     f"directory)") from None
-                raise
-            os.close(fd)
-            fd = nfd
-            st = os.fstat(fd)
-            if not _root_only(st):
-                raise _Untrusted(f"{real}: a directory on the way is uid {st.st_uid}, mode "
-                                 f"{stat.S_IMODE(st.st_mode):04o}: not root's alone")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return safefs.open_dir(real, below=real_top, check=root_only)
+    except safefs.UnsafePath as e:
+        raise _Untrusted(f"{real} was replaced while it was checked ({e.strerror})") from None
 
 
 def _read_manifest(root):

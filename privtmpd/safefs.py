@@ -33,14 +33,19 @@ class UnsafePath(OSError):
     """A path that is not what we created or expect (squatted, swapped, symlinked)."""
 
 
-def open_dir(path: str, flags: int = _DIR_FLAGS) -> int:
+def open_dir(path: str, flags: int = _DIR_FLAGS, *, below: str = "/",
+             check: Optional[Callable[[os.stat_result], None]] = None) -> int:
     """Open an absolute directory path component by component, refusing any
-    symlink on the way (O_NOFOLLOW on each openat)."""
+    symlink on the way (O_NOFOLLOW on each openat).  below: where the walk
+    starts (opened as it is; path must lie under it); check: called with
+    the fstat of each component opened after it, raises to refuse one."""
     if not path.startswith("/"):
         raise ValueError(f"not an absolute path: {path!r}")
-    fd = os.open("/", flags)
+    if below != "/" and not path.startswith(below.rstrip("/") + "/") and path != below:
+        raise ValueError(f"{path!r} is not under {below!r}")
+    fd = os.open(below, flags & ~os.O_NOFOLLOW)
     try:
-        for part in path.strip("/").split("/"):
+        for part in path[len(below.rstrip("/")):].strip("/").split("/"):
             if not part:
                 continue
             try:
@@ -51,6 +56,8 @@ def open_dir(path: str, flags: int = _DIR_FLAGS) -> int:
                 raise OSError(e.errno, f"open {path}: {e.strerror}", path) from None
             os.close(fd)
             fd = nfd
+            if check is not None:
+                check(os.fstat(fd))
     except BaseException:
         os.close(fd)
         raise

@@ -168,6 +168,18 @@ class DaemonProc:
     def job_dir(self, job, restart=0):
         return f"{self.base_parent}/job.{job}.{restart}"
 
+    def log_lines(self, job, op, timeout=30):
+        """The daemon's log lines about job with op=<op>, once there is one."""
+        pat = re.compile(rf"job={job} .*op={op} .*")
+        found = []
+
+        def look():
+            with open(self.log_path, errors="replace") as f:
+                found[:] = [m.group(0) for m in pat.finditer(f.read())]
+            return found
+        wait_for(look, timeout, f"an op={op} line for job {job}")
+        return found
+
     def wait_removals(self, timeout=60):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

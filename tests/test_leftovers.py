@@ -4,13 +4,11 @@ their removal at teardown with the user's rights, against a real daemon.
 The two-node Slurm lab shows it with real sbcast (test_e2e_sbcast.py)."""
 
 import os
-import re
 import shutil
 import time
 
 import pytest
 
-from cli import wait_for
 from privtmpd import kernel, leftovers
 
 # A uid no account and no other test uses: the daemons here share this
@@ -95,15 +93,7 @@ def _as(uid, path, text="x"):
 
 
 def _line(d, job, timeout=30):
-    pat = re.compile(rf"job={job} .*op=leftovers .*")
-    found = []
-
-    def look():
-        with open(d.log_path, errors="replace") as f:
-            found[:] = [m.group(0) for m in pat.finditer(f.read())]
-        return found
-    wait_for(look, timeout, f"an op=leftovers line for job {job}")
-    return found[-1]
+    return d.log_lines(job, "leftovers", timeout)[-1]
 
 
 @root

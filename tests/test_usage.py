@@ -4,7 +4,6 @@ walk for plain directories (bytes only where measured), from one statvfs
 for a limit= job's own filesystem."""
 
 import os
-import re
 import shutil
 
 import pytest
@@ -40,14 +39,7 @@ def samples(mdir):
 
 
 def usage_line(d, job, timeout=30):
-    pat = re.compile(rf"job={job} .*op=usage .*")
-    found = []
-
-    def look():
-        with open(d.log_path, errors="replace") as f:
-            found[:] = [m.group(0) for m in pat.finditer(f.read())]
-        return found
-    wait_for(look, timeout, f"an op=usage line for job {job}")
+    found = d.log_lines(job, "usage", timeout)
     assert len(found) == 1, found           # one line per job
     return dict(kv.split("=", 1) for kv in found[0].split(" op=", 1)[1].split() if "=" in kv)
 
