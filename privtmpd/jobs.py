@@ -402,18 +402,26 @@ class Jobs:
         during the job (leftovers.py): swept by a worker after the reply,
         or carried along to the user's other jobs on this node."""
         cfg = self.cfg
+        since = leftovers.window_start(state)
+        if since is None:
+            return
+        # Nothing was created in a mount point whose mtime is older than the
+        # window (one statx each): then there is nothing to sweep, nor to
+        # carry to the user's other jobs, and no state file is read.
+        points = [p for p in leftovers.shared_points(cfg) if leftovers.changed_since(p, since)]
+        if not points:
+            return
         try:
             others = runstate.all_states(cfg)
         except OSError:
             return
-        since, later = leftovers.plan(job, state, others)
+        later = leftovers.same_user_jobs(job, state, others)
         for other in later:
             st = others[other]
-            if st is not None and leftovers.carry_since(st, min(state["created"], leftovers.since_of(state))):
+            if st is not None and leftovers.carry_since(st, since + leftovers.CLOCK_SLACK):
                 if runstate.read_state(cfg, other) is not None:     # not torn down meanwhile
                     runstate.write_state(cfg, other, st)
-        points = [p for p in leftovers.shared_points(cfg) if since is not None and leftovers.changed_since(p, since)]
-        if since is not None and points:
+        if not later:
             self.removals.queue_sweep(job, user, dict(
                 job=job, points=points, uid=state["uid"],
                 gid=state["gid"] if type(state.get("gid")) is int else state["uid"],

@@ -33,7 +33,7 @@ import codecs
 import json
 import os
 import stat
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 from . import forked, kernel
 from .logfmt import describe
@@ -79,19 +79,20 @@ def is_leftover(st: kernel.Stat, uid: int, since: float, until: float) -> bool:
             and st.btime is not None and since <= st.btime <= until)
 
 
-def plan(job: int, state: dict, others: Dict[int, Optional[dict]]) -> Tuple[Optional[float], List[int]]:
-    """At job's teardown: (since, []) to sweep the user's files created
-    from since on, or (None, jobs) when other jobs of the same user are on
-    the node: those jobs carry the start along instead (carry_since).
-    (None, []): nothing to do (root's job, no usable state)."""
+def window_start(state: dict) -> Optional[float]:
+    """At a job's teardown: from when on its user's files count (the start
+    of the earliest of the user's jobs on the node it accounts for), or
+    None for no sweep at all (root's job, no usable state)."""
     uid, created = state.get("uid"), state.get("created")
     if type(uid) is not int or uid == 0 or not isinstance(created, (int, float)):
-        return None, []
-    since = min(created, since_of(state)) - CLOCK_SLACK
-    same_user = [j for j, st in others.items() if j != job and st and st.get("uid") == uid]
-    if same_user:
-        return None, same_user
-    return since, []
+        return None
+    return min(created, since_of(state)) - CLOCK_SLACK
+
+
+def same_user_jobs(job: int, state: dict, others: Dict[int, Optional[dict]]) -> List[int]:
+    """The other jobs of job's user on the node: while there is one, the
+    sweep waits, and they carry the window's start along (carry_since)."""
+    return [j for j, st in others.items() if j != job and st and st.get("uid") == state["uid"]]
 
 
 def since_of(state: dict) -> float:

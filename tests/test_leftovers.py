@@ -20,20 +20,20 @@ root = pytest.mark.root
 
 # --- what counts (no root) ---------------------------------------------------
 
-def test_plan_sweeps_from_the_jobs_start_or_waits_for_the_users_last_job():
+def test_the_window_starts_with_the_users_first_job_and_waits_for_their_last():
     st = {"uid": 1000, "created": 500.0}
-    since, later = leftovers.plan(7, st, {})
-    assert later == [] and since == pytest.approx(500.0 - leftovers.CLOCK_SLACK)
+    assert leftovers.window_start(st) == pytest.approx(500.0 - leftovers.CLOCK_SLACK)
     # Another job of the same user on the node: it carries the start along.
-    since, later = leftovers.plan(7, st, {8: {"uid": 1000, "created": 600.0}, 9: {"uid": 1001}, 10: None})
-    assert since is None and later == [8]
+    assert leftovers.same_user_jobs(7, st, {7: st, 8: {"uid": 1000, "created": 600.0}, 9: {"uid": 1001},
+                                            10: None}) == [8]
+    assert leftovers.same_user_jobs(7, st, {9: {"uid": 1001}}) == []
     # A job that carried an earlier start sweeps from there.
-    since, _ = leftovers.plan(8, {"uid": 1000, "created": 600.0, "leftovers_since": 500.0}, {})
-    assert since == pytest.approx(500.0 - leftovers.CLOCK_SLACK)
+    assert leftovers.window_start({"uid": 1000, "created": 600.0, "leftovers_since": 500.0}) == \
+        pytest.approx(500.0 - leftovers.CLOCK_SLACK)
     # root's jobs and unusable states: nothing.
-    assert leftovers.plan(7, {"uid": 0, "created": 1.0}, {}) == (None, [])
-    assert leftovers.plan(7, {"uid": "1000", "created": 1.0}, {}) == (None, [])
-    assert leftovers.plan(7, {}, {}) == (None, [])
+    assert leftovers.window_start({"uid": 0, "created": 1.0}) is None
+    assert leftovers.window_start({"uid": "1000", "created": 1.0}) is None
+    assert leftovers.window_start({}) is None
 
 
 def test_carry_keeps_the_earliest_start():
