@@ -24,6 +24,8 @@ echo "-- one task per node: each node has its own private /tmp"
 srun -N2 -n2 -l bash -c 'echo "$(hostname) $(date +%N)" > /tmp/from-$(hostname); \
   dd if=/dev/zero of=/var/tmp/scratch.bin bs=1M count=4 status=none; \
   echo "on $(hostname): /tmp holds: $(ls /tmp | tr "\\n" " ")  (mounted from $(findmnt -no SOURCE /tmp | tail -n1))"'
+echo "-- a plain sbcast to /tmp: slurmd writes it from outside the job, into each node's shared /tmp"
+sbcast -f "$HOME_DIR/input.dat" /tmp/sbcast-$SLURM_JOB_ID.dat && echo "sbcast /tmp/sbcast-$SLURM_JOB_ID.dat: ok"
 touch ready
 while [ ! -e go ]; do sleep 0.1; done
 """
@@ -51,8 +53,12 @@ def main():
                 os.unlink(os.path.join(c.user_dir(USER), f))
             except FileNotFoundError:
                 pass
+        src = os.path.join(c.user_dir(USER), "input.dat")
+        with open(src, "w") as f:
+            f.write("input for every node\n")
+        os.chown(src, *_ids(USER))
         say(f"submitting a two-node batch job as {USER}")
-        jobid, _ = c.sbatch(USER, JOB, args=["-N2", "-n2"], wait=False)
+        jobid, _ = c.sbatch(USER, JOB.replace("$HOME_DIR", c.user_dir(USER)), args=["-N2", "-n2"], wait=False)
         ready = os.path.join(c.user_dir(USER), "ready")
         deadline = time.monotonic() + 60
         while not os.path.exists(ready):
@@ -83,7 +89,9 @@ def main():
             print(f"  {node}: /tmp/slurm.{jobid}.0 exists: {os.path.exists(stack.job_dir(node, jobid))}; "
                   f"pin /run/privtmpd/ns/{jobid} exists: "
                   f"{os.path.exists(stack.node_path(node, f'/run/privtmpd/ns/{jobid}'))}; "
-                  f"state: {c.node_state(node)}")
+                  f"state: {c.node_state(node)}; "
+                  f"sbcast's file in its shared /tmp: "
+                  f"{os.path.exists(stack.node_path(node, f'/tmp/sbcast-{jobid}.dat'))}")
         print("  privtmpd's log on n1:")
         for line in stack.daemon_log("n1").splitlines():
             if f"job={jobid}" in line or "op=remove" in line:
@@ -91,6 +99,12 @@ def main():
     finally:
         say("stopping the cluster: each machine's processes, mounts and /tmp go with its namespaces")
         stack.stop()
+
+
+def _ids(user):
+    import pwd
+    pw = pwd.getpwnam(user)
+    return pw.pw_uid, pw.pw_gid
 
 
 if __name__ == "__main__":
