@@ -360,6 +360,8 @@ class RemovalQueue:
                                                                               len(info["names"]) else ""))
         if remove:
             fields["removed"] = info["removed"]
+        if info.get("truncated"):
+            fields["scanned"] = f"the first {leftovers.SCAN_MAX} entries of each mount point"
         if info.get("errors"):
             log.error(event("leftovers", "incomplete", job, r.user, ms, **fields, errors="; ".join(info["errors"]),
                             note="what stays is reported by privtmpctl doctor"))
