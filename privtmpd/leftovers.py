@@ -125,18 +125,18 @@ def sweep(points: Iterable[str], uid: int, gid: int, since: float, until: float,
             forked.become_user(uid, gid, keep=(w,))
             report = _sweep_here(points, uid, since, until, remove)
         except Exception as e:  # noqa: BLE001 - the report says what went wrong
-            report = {"found": 0, "removed": 0, "names": [], "errors": [describe(e)], "truncated": True}
+            report = {"found": 0, "removed": 0, "names": [], "errors": [describe(e)], "truncated": False}
         os.write(w, json.dumps(report).encode()[:60000])
 
     data = forked.run(body, SECONDS)
     if data is None:
         return {"found": 0, "removed": 0, "names": [], "errors": [f"killed after {SECONDS:.0f} s"],
-                "truncated": True}
+                "truncated": False}
     try:
         return json.loads(data)
     except ValueError:
         return {"found": 0, "removed": 0, "names": [], "errors": ["the sweep ended without a report"],
-                "truncated": True}
+                "truncated": False}
 
 
 def _sweep_here(points: List[str], uid: int, since: float, until: float, remove: bool) -> dict:
