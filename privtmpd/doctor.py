@@ -154,7 +154,7 @@ class Doctor:
                       self.check_daemon, self.check_slurm, self.check_hook_interpreter, self.check_free_space,
                       self.check_metrics, self.check_kernel, self.check_link_protection,
                       self.check_tmpfs_sizes, self.check_sbcast, self.check_exec_on_noexec_base,
-                      self.check_shared_tmp_leftovers):
+                      self.check_host_leftovers, self.check_shared_tmp_leftovers):
             try:
                 check()
             except Exception as e:      # noqa: BLE001 - a broken check must not hide the others
@@ -637,6 +637,32 @@ class Doctor:
         else:
             self.add("exec mount points", OK, f"base={cfg.base} is on a filesystem mounted exec ({fs}): "
                      f"mount_options=...:exec takes effect")
+
+    def check_host_leftovers(self):
+        """host_leftovers=remove decides by creation time (statx btime): on
+        a filesystem that keeps none, nothing is ever swept there.  The
+        mount point's own btime tells whether its filesystem keeps them."""
+        from . import leftovers
+        cfg = self.cfg
+        points = leftovers.shared_points(cfg)
+        blind = []
+        for p in points:
+            try:
+                if kernel.statx_nofollow(kernel.AT_FDCWD, p).btime is None:
+                    blind.append(p)
+            except OSError:
+                continue        # check_mounts says why
+        if cfg.host_leftovers != leftovers.REMOVE:
+            self.add("host leftovers", OK, "host_leftovers=report: files users leave in "
+                     f"{', '.join(points)} during jobs (a plain sbcast to /tmp) are logged, not removed")
+        elif blind:
+            self.add("host leftovers", WARN, f"{', '.join(blind)}: the filesystem keeps no creation times, so "
+                     f"host_leftovers=remove never removes what users leave there during their jobs",
+                     "put that mount point on a filesystem with creation times (ext4, xfs, btrfs, tmpfs), "
+                     "or rely on the shared tmp check below while jobs run")
+        else:
+            self.add("host leftovers", OK, f"files users leave in {', '.join(points)} during their jobs (a plain "
+                     f"sbcast to /tmp) are removed when their last job on the node ends")
 
     LEFTOVER_SCAN_MAX = 100000
 

@@ -5,6 +5,7 @@ The two-node Slurm lab shows it with real sbcast (test_e2e_sbcast.py)."""
 
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -164,3 +165,34 @@ def test_waits_for_the_users_last_job_on_the_node(daemon_factory, shared):
     line = _line(d, 405)
     d.wait_removals()
     assert os.listdir(shared) == [] and "found=2" in line, line
+
+
+@root
+def test_doctor_warns_where_the_filesystem_keeps_no_creation_time(tmp_path):
+    """ext4 with 128-byte inodes has no room for a creation time: nothing
+    would ever be swept there, and doctor says so."""
+    from privtmpd import doctor as doc
+    top = f"/var/lib/privtmpd-test/nobtime-{os.getpid()}"
+    img = f"{top}.img"
+    os.makedirs(top)
+    subprocess.run(["truncate", "-s", "8M", img], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", img], check=True)
+    subprocess.run(["mount", "-o", "loop", img, top], check=True)
+    try:
+        os.chmod(top, 0o1777)
+        conf = tmp_path / "p.conf"
+        conf.write_text(f"base=/tmp/slurm\nmount=/tmp\nmount={top}\n")
+        d = doc.Doctor(str(conf), "/dev/null")
+        assert d.check_config(), d.results
+        d.check_host_leftovers()
+        r = d.results[-1]
+        assert r.status == doc.WARN and top in r.detail and "/tmp," not in r.detail, r
+        conf.write_text(f"base=/tmp/slurm\nmount=/tmp\nmount={top}\nhost_leftovers=report\n")
+        d = doc.Doctor(str(conf), "/dev/null")
+        assert d.check_config(), d.results
+        d.check_host_leftovers()
+        assert d.results[-1].status == doc.OK
+    finally:
+        subprocess.run(["umount", top], check=True)
+        os.rmdir(top)
+        os.unlink(img)
