@@ -193,7 +193,7 @@ def build_native(bindir):
     tool = os.path.join(bindir, "benchtool")
     subprocess.run(["gcc", "-O2", "-Wall", "-rdynamic", "-o", tool,
                     os.path.join(REPO, "bench", "benchtool.c"), "-ldl"], check=True)
-    subprocess.run(["make", "-s", "-C", os.path.join(REPO, "spank"), f"BUILDDIR={bindir}"], check=True)
+    subprocess.run(["make", "-B", "-s", "-C", os.path.join(REPO, "spank"), f"BUILDDIR={bindir}"], check=True)
     return tool, os.path.join(bindir, "privtmpd_spank.so")
 
 

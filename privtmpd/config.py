@@ -110,7 +110,7 @@ def _abs_path(value, key, where):
     return value
 
 
-def _size(value, max_digits=15):
+def parse_size(value, max_digits=15):
     """("size", bytes, text) for a size such as 512m (k/m/g/t, powers of
     1024), ("percent", N, text) for N% with 1 <= N <= 100, or None.  The
     one size syntax of the file; each key says what it accepts.  Lengths
@@ -135,7 +135,7 @@ def _job_share(value, shown, example, where):
     job's memory on the node (S_JOB_ALLOC_MEM), resizes to N% of that in
     the job's first task (namespace.job_share_source marks it)."""
     pct = value.strip().lower()[4:] or "100%"
-    parsed = _size(pct) if pct.endswith("%") else None
+    parsed = parse_size(pct) if pct.endswith("%") else None
     if parsed is None:
         raise ConfigError(f"{where}: {shown}: the share after 'job:' is a percentage of 1%..100% ({example})")
     return f"job:{parsed[2]}"
@@ -143,7 +143,7 @@ def _job_share(value, shown, example, where):
 
 def _parse_size(value, where):
     """shm=: a size or a percentage, kept as written (the kernel's size=)."""
-    parsed = _size(value, max_digits=20)
+    parsed = parse_size(value, max_digits=20)
     if parsed is None and value.strip().endswith("%"):
         raise ConfigError(f"{where}: shm={value!r}: a percentage must be 1%..100%")
     if parsed is None:
@@ -167,7 +167,7 @@ def _parse_duration(value, key, where):
 
 
 def _size_bytes(value, key, where):
-    parsed = _size(value)
+    parsed = parse_size(value)
     if parsed is None or parsed[0] != "size":
         raise ConfigError(f"{where}: {key}={value!r} is not a size (examples: 500m, 20g, 1t)")
     return parsed[1]
@@ -465,7 +465,7 @@ def _parse_tmpfs_size(value, m, where):
             raise ConfigError(f"{where}: {shown}: a mount point sized from the job's memory cannot contain "
                               f"a space, a tab or a backslash; give a fixed size or rename the mount point")
         return _job_share(value, shown, f"tmpfs={m}:job:50%", where)
-    parsed = _size(value)
+    parsed = parse_size(value)
     if parsed is None and v.endswith("%"):
         raise ConfigError(f"{where}: {shown}: a share of the node's RAM must be 1%..100%")
     if parsed is None:

@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Dict
 
@@ -568,7 +569,7 @@ class Doctor:
             elif size.endswith("%"):
                 total += ram * int(size[:-1]) // 100
             else:
-                total += config._size(size)[1]
+                total += config.parse_size(size)[1]
         shown = ", ".join(f"{m}={size}" for m, size in cfg.tmpfs)
         if cfg.shm.startswith("job:"):
             job_share += int(cfg.shm[4:-1])
@@ -670,12 +671,13 @@ class Doctor:
         """Files a running job's user put in the host's own mount points
         (the shared /tmp) since their job started: what `sbcast f /tmp/f`
         leaves behind (sbcast writes from the host namespace).  Reported
-        here while the job runs; the daemon removes them at the user's last
-        job's end, with the user's rights (host_leftovers=remove,
-        leftovers.py), or only logs them (report).  Only names at the top of
-        each mount point, lstat (no link followed), at most
+        here while the job runs, by the rule the daemon's sweep applies at
+        the user's last job's end (leftovers.is_leftover: regular files of
+        the user's created since their job started, at the top of each
+        shared mount point), which removes them with the user's rights
+        (host_leftovers=remove) or only logs them (report).  At most
         LEFTOVER_SCAN_MAX entries each."""
-        from . import runstate
+        from . import leftovers, runstate
         cfg = self.cfg
         try:
             states = runstate.all_states(cfg)
@@ -689,24 +691,34 @@ class Doctor:
         if not started:
             return
         found = []
-        for m in cfg.mounts:
+        now = time.time()
+        for m in leftovers.shared_points(cfg):
             try:
-                with os.scandir(m) as it:
+                fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                with os.scandir(fd) as it:
                     for i, e in enumerate(it):
                         if i >= self.LEFTOVER_SCAN_MAX:
                             break
                         try:
-                            st = e.stat(follow_symlinks=False)
+                            # statx without asking the filesystem: a user's
+                            # FUSE mount in /tmp cannot hang doctor.
+                            st = kernel.statx_nofollow(fd, e.name)
                         except OSError:
                             continue
                         hit = started.get(st.st_uid)
-                        if hit and stat.S_ISREG(st.st_mode) and st.st_ctime >= hit[0]:
+                        # What the daemon's sweep would take at the job's end.
+                        if hit and leftovers.is_leftover(st, st.st_uid, hit[0] - leftovers.CLOCK_SLACK, now):
                             # The name is the user's: escaped, so it cannot
                             # write control sequences to the admin's terminal.
                             shown = e.name.encode("unicode_escape", "backslashreplace").decode("ascii")
                             found.append(f"{m}/{shown} (uid {st.st_uid}, job {hit[1]})")
             except OSError:
                 continue
+            finally:
+                os.close(fd)
         if found:
             self.add("shared tmp", WARN, f"{len(found)} file(s) written to the host's shared mount points by "
                      f"users of running jobs (sbcast to /tmp lands there, not in the job): "

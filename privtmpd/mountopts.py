@@ -9,7 +9,7 @@ directory under base, which can be kept).
 
 import os
 
-from . import kernel
+from . import config, kernel
 
 # Flags every private mount gets whatever the configuration says: the job's
 # user writes there, so a setuid binary or a device node in it must never
@@ -61,10 +61,32 @@ def tmpfs_marks(job):
     return (f" - tmpfs privtmpd.{job} ".encode(), f" - tmpfs privtmpd.{job}:".encode())
 
 
+# One inode per 4 KiB of size.  The kernel's default is half the RAM's
+# pages whatever the size, and an inode costs ~1 KiB of kernel memory that
+# size= does not count (nor the memory cgroup, on cgroup v1 without kmem
+# accounting): a job could pin gigabytes with millions of empty files in a
+# small tmpfs.  4 KiB keeps that under a quarter of the size and still lets
+# a file per page in (ext4 makes one inode per 16 KiB).
+BYTES_PER_INODE = 4096
+MIN_INODES = 1024
+
+
+def tmpfs_inodes(size):
+    """nr_inodes for a tmpfs of this size= (job:N% counts as N% of the RAM,
+    its size until the entry helper resizes it)."""
+    v = size.removeprefix("job:")
+    if v.endswith("%"):
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * int(v[:-1]) // 100
+    else:
+        parsed = config.parse_size(v)
+        total = parsed[1] if parsed else 0
+    return max(total // BYTES_PER_INODE, MIN_INODES)
+
+
 def tmpfs_data(size):
     """The tmpfs mount data for a tmpfs= size ("4g", "10%", "job:50%": 50%
     of the RAM until the entry helper resizes it)."""
-    return f"size={size.removeprefix('job:')},mode={TMPFS_MODE},uid=0,gid=0"
+    return f"size={size.removeprefix('job:')},nr_inodes={tmpfs_inodes(size)},mode={TMPFS_MODE},uid=0,gid=0"
 
 
 def disk_mounts(cfg, mounts):
@@ -175,7 +197,7 @@ def exec_lost_to_noexec_base(cfg):
     wanted = [m for m in sorted(cfg.mounts) if "exec" in cfg.options_of(m) and not cfg.tmpfs_size(m)]
     if not wanted:
         return None
-    from . import config, proc
+    from . import proc
 
     try:
         noexec = bool(os.statvfs(cfg.base_parent).f_flag & os.ST_NOEXEC)

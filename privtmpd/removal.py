@@ -169,17 +169,36 @@ class RemovalQueue:
             os.sched_yield()
         deadline = time.monotonic() + INLINE_SECONDS
         while self._order and not self.stopping:
-            r = self._all[self._order[0]]
-            if r.budget is not None and time.monotonic() >= deadline:
+            # The first removal that can go on now: one waiting for a
+            # worker must not hold back those behind it (a sweep the user
+            # stopped keeps its worker leftovers.SECONDS).
+            inline = time.monotonic() < deadline
+            key = next((k for k in self._order if self._can_start(self._all[k], inline)), None)
+            if key is None:
+                return
+            r = self._all[key]
+            if r.budget is not None and not inline:
                 return                  # paused inline: goes on at the next turn
-            if not r.handed_over and time.monotonic() < deadline:
+            if not r.handed_over and inline:
                 if self._remove_inline(r, deadline):
                     continue
                 if r.budget is not None:
                     return              # paused for a request
-            if self.count(RUNNING) >= self.cfg.remove_workers:
-                return
+                if not self._can_start(r, False):
+                    continue            # too big: waits for a worker
             self._start_worker(r)
+
+    def _can_start(self, r: _Removal, inline: bool) -> bool:
+        """Inline removals while the turn lasts; trees in a worker up to
+        remove_workers; sweeps of the shared mount points one at a time,
+        beside those: their length is the user's to choose (up to
+        leftovers.SECONDS)."""
+        if inline and not r.handed_over:
+            return True
+        running = [x for x in self._all.values() if x.where == RUNNING]
+        if r.sweep is not None:
+            return not any(x.sweep is not None for x in running)
+        return sum(1 for x in running if x.sweep is None) < self.cfg.remove_workers
 
     def _remove_inline(self, r: _Removal, deadline: float) -> bool:
         """Remove r here, within the inline budget.  True when the attempt
@@ -362,9 +381,10 @@ class RemovalQueue:
             fields["removed"] = info["removed"]
         if info.get("truncated"):
             fields["scanned"] = f"the first {leftovers.SCAN_MAX} entries of each mount point"
-        if info.get("errors"):
-            log.error(event("leftovers", "incomplete", job, r.user, ms, **fields, errors="; ".join(info["errors"]),
-                            note="what stays is reported by privtmpctl doctor"))
+        if info.get("errors") or info.get("truncated"):
+            log.error(event("leftovers", "incomplete", job, r.user, ms, **fields,
+                            errors="; ".join(info.get("errors") or ["not every entry was looked at"]),
+                            note="what stays is reported by privtmpctl doctor while the user has a job here"))
         elif remove:
             log.info(event("leftovers", "removed", job, r.user, ms, **fields,
                            note="written from the host's namespace (sbcast) during the job"))

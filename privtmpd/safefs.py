@@ -670,12 +670,15 @@ class TreeWalk:
                     # A name of a file with other names frees nothing: its
                     # blocks are counted at the last one (nlink 1), so a
                     # file linked 100 times is one file's size, not 100.
+                    # The budget is charged every name's blocks: st_nlink
+                    # is a snapshot, and the user may drop the file's other
+                    # name (outside the tree) right after it, making this
+                    # unlink the one that frees the blocks, synchronously.
                     st = lstat_at(fd, nm)
-                    nbytes = st.st_blocks * 512 if st.st_nlink <= 1 else 0
                     if budget is not None:
-                        budget.charge(nbytes)
+                        budget.charge(st.st_blocks * 512)
                     _in_dir(os.unlink, fd, nm, fix)
-                    stats.bytes += nbytes
+                    stats.bytes += st.st_blocks * 512 if st.st_nlink <= 1 else 0
                 else:
                     _in_dir(os.unlink, fd, nm, fix)
                     stats.sized = False

@@ -254,7 +254,7 @@ class Stack:
         # would be hidden inside jobs, and srun in a batch job loads it there.
         libdir = f"/var/lib/privtmpd-test/lib-{name}"
         os.makedirs(libdir, exist_ok=True)
-        subprocess.run(["make", "-s", "-C", os.path.join(REPO, "spank"), f"BUILDDIR={libdir}"], check=True)
+        subprocess.run(["make", "-B", "-s", "-C", os.path.join(REPO, "spank"), f"BUILDDIR={libdir}"], check=True)
         self.so = os.path.join(libdir, "privtmpd_spank.so")
         hookdir = f"/var/lib/privtmpd-test/hooks-{name}"
         os.makedirs(hookdir, exist_ok=True)

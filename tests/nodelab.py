@@ -531,7 +531,7 @@ class LabStack:
         self.labdir = os.path.abspath(labdir)
         libdir = os.path.join(self.labdir, "lib")
         os.makedirs(libdir, exist_ok=True)
-        subprocess.run(["make", "-s", "-C", os.path.join(REPO, "spank"), f"BUILDDIR={libdir}"], check=True)
+        subprocess.run(["make", "-B", "-s", "-C", os.path.join(REPO, "spank"), f"BUILDDIR={libdir}"], check=True)
         self.so = os.path.join(libdir, "privtmpd_spank.so")
         self.conf_path = os.path.join(self.labdir, "privtmpd.conf")
         self.daemon_conf = daemon_conf

@@ -342,7 +342,7 @@ def pam_setup(request):
         pytest.skip(f"no cgroup {request.param} hierarchy on this machine (the other one is tested)")
     from harness import REPO
     os.makedirs(PAM_WORK, exist_ok=True)
-    subprocess.run(["make", "-s", "-C", f"{REPO}/pam", f"BUILDDIR={PAM_WORK}"], check=True)
+    subprocess.run(["make", "-B", "-s", "-C", f"{REPO}/pam", f"BUILDDIR={PAM_WORK}"], check=True)
     subprocess.run(["gcc", "-Wall", "-o", f"{PAM_WORK}/pam_driver", f"{REPO}/tests/pam_driver.c", "-lpam"],
                    check=True)
     made = []

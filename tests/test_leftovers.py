@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from harness import wait_for
 from privtmpd import kernel, leftovers
 
 # A uid no account and no other test uses: the daemons here share this
@@ -196,3 +197,92 @@ def test_doctor_warns_where_the_filesystem_keeps_no_creation_time(tmp_path):
         subprocess.run(["umount", top], check=True)
         os.rmdir(top)
         os.unlink(img)
+
+
+def _stop_every_process_of(uid):
+    """A process of the user's (an ssh session on the node) that stops every
+    other process running as uid: the sweep's child is one (same real uid,
+    so kill(2) is allowed; not being dumpable does not prevent signals)."""
+    test = os.getpid()          # its own helpers (_as) are spared
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            me = os.getpid()
+            while True:
+                for p in os.listdir("/proc"):
+                    if not p.isdigit() or int(p) == me:
+                        continue
+                    try:
+                        with open(f"/proc/{p}/status") as f:
+                            fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
+                        if int(fields["Uid"].split()[0]) == uid and int(fields["PPid"]) != test:
+                            os.kill(int(p), 19)         # SIGSTOP
+                    except (OSError, KeyError, ValueError):
+                        pass
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _make_as(uid, names):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for name in names:
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+@root
+def test_a_user_who_stops_their_sweeps_holds_up_no_other_removal(daemon_factory, shared):
+    """A sweep's child has the user's uid, so the user may SIGSTOP it; its
+    worker then waits out leftovers.SECONDS.  Sweeps run one at a time
+    beside the removal workers, and a removal that can go on never waits
+    behind one that cannot: another user's small tree is removed at once,
+    however many of the user's short jobs end meanwhile."""
+    d = daemon_factory(f"mount={shared} host_leftovers=remove")
+    # Files from before the jobs (never swept) make every sweep look at
+    # more entries: time for the user to see its child and stop it.
+    _make_as(U, [f"{shared}/old{i}" for i in range(50000)])
+    time.sleep(0.2)
+    attacker = _stop_every_process_of(U)
+    try:
+        for job in (420, 421, 422):              # the user's short jobs, one after the other
+            d.create(job, uid=U, gid=U)
+            _as(U, f"{shared}/f{job}")           # sbcast f /tmp/f: the mount point's mtime moves
+            d.destroy(job)
+        d.create(423, uid=OTHER, gid=OTHER)      # another user's ordinary job
+        with open(f"{d.job_dir(423)}/tmp/data", "w") as f:
+            f.write("x")
+        t0 = time.monotonic()
+        d.destroy(423)
+        wait_for(lambda: not any(n.startswith("job.423.") for n in os.listdir(d.base_parent)), 100,
+                 "job 423's tree removed")
+        took = time.monotonic() - t0
+        assert took < 5, f"another user's 1-file tree waited {took:.1f} s behind the user's stopped sweeps"
+    finally:
+        os.kill(attacker, 9)
+        os.waitpid(attacker, 0)
+
+
+@root
+def test_a_sweep_cut_short_by_scan_max_says_so(daemon_factory, shared):
+    """Anyone can put more names than SCAN_MAX in the shared /tmp: the
+    sweep then misses some of the user's files, and its line says it is
+    incomplete rather than reading as done."""
+    d = daemon_factory(f"mount={shared} host_leftovers=remove")
+    _make_as(OTHER, [f"{shared}/o{i}" for i in range(leftovers.SCAN_MAX + leftovers.SCAN_MAX // 2)])
+    d.create(430, uid=U, gid=U)
+    for i in range(20):
+        _as(U, f"{shared}/sbcast{i}")
+    d.destroy(430)
+    line = _line(d, 430, timeout=120)
+    d.wait_removals(timeout=120)
+    left = [x for x in os.listdir(shared) if x.startswith("sbcast")]
+    assert not left or ("result=incomplete" in line and "scanned=" in line), (len(left), line)

@@ -161,6 +161,12 @@ def test_tmpfs_point_is_private_sized_and_leaves_nothing(daemon_factory):
     # /tmp-like: root's, 1777, so the job's user writes and programs that
     # check for the sticky bit are happy.
     assert nsenter(a, "stat", "-c", "%u %a", "/tmp").stdout.split() == ["0", "1777"]
+    # One inode per 4 KiB of size (the kernel's default would be half the
+    # RAM's pages): 8 MiB, 2048 inodes, and ENOSPC for the 2049th name.
+    assert nsenter(a, "stat", "-f", "-c", "%c", "/tmp").stdout.split() == ["2048"]
+    r = nsenter(a, "sh", "-c", "cd /tmp && i=0; while [ $i -lt 2100 ]; do true > e$i 2>/dev/null || break; i=$((i+1)); done; "
+                "echo made=$i; rm -f e*", user="65534", check=False)
+    assert "made=2047" in r.stdout, r.stdout            # the root directory holds one inode
     r = nsenter(a, "sh", "-c", "echo secret > /tmp/mine && cat /tmp/mine", user="65534")
     assert r.stdout == "secret\n"
     assert nsenter(b, "ls", "-A", "/tmp").stdout == ""             # the other job sees nothing

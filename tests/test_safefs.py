@@ -810,3 +810,28 @@ def test_open_verified_detects_swapped_directory(work):
     with pytest.raises(safefs.UnsafePath) as ei:
         safefs.open_verified(work.path("a"), st.st_dev, st.st_ino)
     assert ei.value.errno == errno.ESTALE
+
+
+def test_inline_budget_charges_a_name_whose_other_name_may_go_away(work, monkeypatch):
+    """The inline budget charges every name's blocks, not only a last
+    name's (nlink 1): a user who gave a big file a second name outside the
+    tree (a hard link in the host's /tmp with sbcast=yes) and unlinks it
+    between the daemon's lstat and its unlink makes the daemon's unlink the
+    one that frees the file, in the main thread.  The user's unlink is put
+    exactly in that window here."""
+    tmp = make_job(work)
+    subprocess.run(["fallocate", "-l", "64M", f"{tmp}/big"], check=True)
+    os.link(f"{tmp}/big", work.path("outside"))          # the user's second name
+    real = safefs.lstat_at
+
+    def lstat_then_user_unlinks_the_other_name(fd, name):
+        st = real(fd, name)
+        if name == "big" and os.path.exists(work.path("outside")):
+            os.unlink(work.path("outside"))               # the racing user process
+        return st
+
+    monkeypatch.setattr(safefs, "lstat_at", lstat_then_user_unlinks_the_other_name)
+    far = time.monotonic() + 60
+    with pytest.raises(safefs.OverBudget):
+        safefs.remove_tree(work.fd, "job.3.0", safefs.RemoveStats(), safefs.Budget(1000, 1 << 20, far))
+    assert os.path.exists(f"{tmp}/big"), "a 64 MiB file was freed inline against a 1 MiB budget"
