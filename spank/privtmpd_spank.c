@@ -143,7 +143,7 @@ static int resize_job_tmpfs(uint64_t mem_mb, struct pin *p)
 {
 	static char what[PATH_MAX + 48];
 	char line[4096], root[PATH_MAX], mp[PATH_MAX], fstype[16], src[32];
-	char opt[32], *dash;
+	char opt[64], *dash;
 	unsigned int maj, min;
 	unsigned long pct;
 	uint64_t mb;
@@ -181,7 +181,12 @@ static int resize_job_tmpfs(uint64_t mem_mb, struct pin *p)
 		mb = mb ? mb : 1;       /* size=0 would mean unlimited */
 		if ((uint64_t)vfs.f_blocks * vfs.f_frsize == mb << 20)
 			continue;
-		snprintf(opt, sizeof(opt), "size=%llum", (unsigned long long)mb);
+		/* nr_inodes as the daemon sets it (one per 4 KiB, at least
+		 * 1024; mountopts.tmpfs_inodes): a remount keeps the old count,
+		 * sized for N% of the RAM. */
+		snprintf(opt, sizeof(opt), "size=%llum,nr_inodes=%llu",
+			 (unsigned long long)mb,
+			 (unsigned long long)(mb * 256 > 1024 ? mb * 256 : 1024));
 		/* A remount sets every per-mount flag: keep noexec, ro and the
 		 * atime flags the daemon gave (ST_* equal MS_* for these). */
 		err = mount(NULL, mp, NULL, MS_REMOUNT | MS_NOSUID | MS_NODEV |

@@ -38,12 +38,15 @@ def test_dev_shm_follows_the_jobs_memory(stack):
     host_st = os.stat("/dev/shm")
     r = c.srun(U1, ["--mem=200", "sh", "-c", "stat -f -c '%b %S' /dev/shm; stat -c '%a %d' /dev/shm; "
                     "echo x > /dev/shm/seg && echo wrote; stat -f -c 'vt %b %S' /var/tmp; "
+                    "stat -f -c 'inodes %c' /var/tmp; "
                     "grep ' /var/tmp ' /proc/self/mountinfo"])
     assert r.returncode == 0, r.stderr + c.logs()
     lines = r.stdout.splitlines()
     assert _shm_mb(lines[0]) == 100, r.stdout           # 50% of --mem=200
     vt = [line[3:] for line in lines if line.startswith("vt ")]
     assert [_shm_mb(v) for v in vt] == [50], r.stdout   # tmpfs=/var/tmp:job:25%
+    # nr_inodes follows the size (one per 4 KiB): not the count for 25% of the RAM.
+    assert [line for line in lines if line.startswith("inodes ")] == [f"inodes {50 * 256}"], r.stdout
     # The resize kept mount_options=/var/tmp:noexec and the nosuid,nodev.
     opts = [line.split()[5].split(",") for line in lines if " /var/tmp " in line][-1]
     assert {"noexec", "nosuid", "nodev"} <= set(opts), r.stdout
