@@ -318,9 +318,16 @@ class Jobs:
             # Whoever cancelled it (the job's Epilog, a new create, cleanup,
             # the daemon stopping) deals with the namespace.
             return protocol.error(f"job {job}: its ns_script was {run.describe()}", "busy"), user
+        # Another job's teardown may have carried leftovers_since into the
+        # state file while the script ran (leftovers.carry_since): st is
+        # the copy from before.
+        leftovers.carry_since(st, leftovers.since_of(runstate.read_state(cfg, job) or {}))
         if not run.succeeded and cfg.on_script_error == "fail":
             try:
                 destroy(cfg, job, restart_hint=st["restart"], on_trash=self._trash_for(user, usage=False))
+                # The files of the window carried into this job are swept
+                # as at any teardown (or carried on).
+                self._sweep_leftovers(job, user, st)
             except Exception as e:  # noqa: BLE001 - report the script's failure, log this one
                 log.error(event("create-rollback", "error", job, user, error=describe(e)))
             return protocol.error(f"ns_script {run.path} {run.describe()} (its output is in privtmpd's log); "

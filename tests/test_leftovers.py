@@ -286,3 +286,40 @@ def test_a_sweep_cut_short_by_scan_max_says_so(daemon_factory, shared):
     d.wait_removals(timeout=120)
     left = [x for x in os.listdir(shared) if x.startswith("sbcast")]
     assert not left or ("result=incomplete" in line and "scanned=" in line), (len(left), line)
+
+
+@root
+@pytest.mark.parametrize("outcome", ["ready", "rolled-back"])
+def test_the_window_carried_into_a_job_whose_ns_script_runs_is_kept(daemon_factory, shared, outcome):
+    """Job 502's ns_script runs while the user's job 501 ends: 501's window
+    is carried into 502's state file meanwhile, and 502's create must not
+    write over it (nor drop it when on_script_error=fail rolls 502 back):
+    the file from 501's time is swept."""
+    import threading
+    top = f"/var/lib/privtmpd-test/scripts-{os.getpid()}"
+    shutil.rmtree(top, ignore_errors=True)
+    os.makedirs(top)
+    os.chmod(top, 0o755)
+    script = f"{top}/init"
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\n[ \"$SLURM_JOB_ID\" = 502 ] || exit 0\nsleep 2\n"
+                + ("exit 1\n" if outcome == "rolled-back" else ""))
+    os.chmod(script, 0o755)
+    try:
+        d = daemon_factory(f"mount={shared} host_leftovers=remove ns_script={script}")
+        assert d.create(501, uid=U, gid=U)["ok"]
+        _as(U, f"{shared}/for-501")
+        time.sleep(0.3)                 # beyond CLOCK_SLACK: older than job 502
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=d.create(502, uid=U, gid=U)))
+        t.start()
+        time.sleep(0.8)                 # 502's ns_script runs
+        assert d.destroy(501)["ok"]     # carries 501's window into 502's state
+        t.join(60)
+        assert out["r"]["ok"] is (outcome == "ready"), out
+        if outcome == "ready":
+            assert d.destroy(502)["ok"]
+        d.wait_removals()
+        assert os.listdir(shared) == [], "the file of job 501's window escaped the sweep"
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
