@@ -429,7 +429,7 @@ class Jobs:
                 if runstate.read_state(cfg, other) is not None:     # not torn down meanwhile
                     runstate.write_state(cfg, other, st)
         if not later:
-            self.removals.queue_sweep(job, user, dict(
+            self.removals.queue_sweep(job, state.get("restart", 0), user, dict(
                 job=job, points=points, uid=state["uid"],
                 gid=state["gid"] if type(state.get("gid")) is int else state["uid"],
                 since=since, until=time.time(), remove=cfg.host_leftovers == leftovers.REMOVE))

@@ -89,6 +89,7 @@ class RemovalQueue:
         self.held_since: Optional[float] = None    # removals gave way to waiting requests since then
         self.replied = False                       # a reply went out since the last step
         self.stopping = False
+        self._free = {"trees": 0, "sweeps": 0}     # worker places free in this step()
 
     # --- what is there ----------------------------------------------------
 
@@ -104,12 +105,13 @@ class RemovalQueue:
         elif r.user is None:
             r.user = user
 
-    def queue_sweep(self, job: int, user, sweep: dict) -> None:
+    def queue_sweep(self, job: int, restart: int, user, sweep: dict) -> None:
         """Queue a sweep of the shared mount points for the files job's
         user left there (leftovers.py): always in a worker, since its work
         grows with those directories, and never retried (a sweep that
         failed is logged; doctor reports what stays)."""
-        key = (SWEEP, f"files of job {job}'s user")
+        # One per run: a requeued run's sweep is not lost behind the last one's.
+        key = (SWEEP, f"files of job {job}.{restart}'s user")
         if key not in self._all:
             self._all[key] = _Removal(*key, user, handed_over=True, sweep=sweep)
             self._order.append(key)
@@ -168,11 +170,17 @@ class RemovalQueue:
             self.replied = False
             os.sched_yield()
         deadline = time.monotonic() + INLINE_SECONDS
+        # Free worker places, counted once per step (not per queued removal).
+        running = [r for r in self._all.values() if r.where == RUNNING]
+        self._free = {"trees": self.cfg.remove_workers - sum(1 for r in running if r.sweep is None),
+                      "sweeps": 0 if any(r.sweep is not None for r in running) else 1}
         while self._order and not self.stopping:
             # The first removal that can go on now: one waiting for a
             # worker must not hold back those behind it (a sweep the user
             # stopped keeps its worker leftovers.SECONDS).
             inline = time.monotonic() < deadline
+            if not inline and self._free["trees"] <= 0 and self._free["sweeps"] <= 0:
+                return
             key = next((k for k in self._order if self._can_start(self._all[k], inline)), None)
             if key is None:
                 return
@@ -195,10 +203,7 @@ class RemovalQueue:
         leftovers.SECONDS)."""
         if inline and not r.handed_over:
             return True
-        running = [x for x in self._all.values() if x.where == RUNNING]
-        if r.sweep is not None:
-            return not any(x.sweep is not None for x in running)
-        return sum(1 for x in running if x.sweep is None) < self.cfg.remove_workers
+        return self._free["sweeps" if r.sweep is not None else "trees"] > 0
 
     def _remove_inline(self, r: _Removal, deadline: float) -> bool:
         """Remove r here, within the inline budget.  True when the attempt
@@ -245,6 +250,7 @@ class RemovalQueue:
     def _start_worker(self, r: _Removal) -> None:
         # An OSError from fork leaves the removal queued: tried again next turn.
         pid, rfd = forked.spawn(lambda wfd: self._worker(wfd, r))
+        self._free["sweeps" if r.sweep is not None else "trees"] -= 1
         self._order.remove((r.parent, r.name))
         if not r.handed_over:
             r.stats = None

@@ -653,3 +653,23 @@ def test_client_that_vanishes_mid_request(daemon):
     assert daemon.proc.poll() is None
     # The create itself was done (the Epilog will undo it), and done once.
     assert daemon.create(260)["existing"] is True
+
+
+def test_a_step_with_every_worker_busy_costs_little_however_long_the_queue():
+    """Every turn of the event loop runs step(): with the workers full and
+    thousands of trees waiting for one, it must not cost the main thread
+    per queued removal per queued removal."""
+    from privtmpd import config, removal
+    from privtmpd.metrics import Metrics
+    cfg = config.parse("remove_workers=2\n", "test")
+    q = removal.RemovalQueue(cfg, Metrics(cfg), lambda: False)
+    for i in range(2):
+        q._all[("/p", f"run{i}")] = removal._Removal("/p", f"run{i}", where=removal.RUNNING, handed_over=True)
+    for i in range(4000):
+        q.queue("/p", f"t{i}")
+        q._all[("/p", f"t{i}")].handed_over = True
+    t0 = time.perf_counter()
+    q.step()
+    took = time.perf_counter() - t0
+    assert took < 0.05, f"one step() with 4000 removals waiting took {took:.2f} s"
+    assert q.count(removal.QUEUED) == 4000
