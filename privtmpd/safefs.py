@@ -43,6 +43,8 @@ def open_dir(path: str, flags: int = _DIR_FLAGS, *, below: str = "/",
         raise ValueError(f"not an absolute path: {path!r}")
     if below != "/" and not path.startswith(below.rstrip("/") + "/") and path != below:
         raise ValueError(f"{path!r} is not under {below!r}")
+    if any(part in (".", "..") for part in path.split("/")):
+        raise ValueError(f"not a normalised path: {path!r}")     # ".." would climb out of below
     fd = os.open(below, flags & ~os.O_NOFOLLOW)
     try:
         for part in path[len(below.rstrip("/")):].strip("/").split("/"):

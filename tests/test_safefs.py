@@ -835,3 +835,12 @@ def test_inline_budget_charges_a_name_whose_other_name_may_go_away(work, monkeyp
     with pytest.raises(safefs.OverBudget):
         safefs.remove_tree(work.fd, "job.3.0", safefs.RemoveStats(), safefs.Budget(1000, 1 << 20, far))
     assert os.path.exists(f"{tmp}/big"), "a 64 MiB file was freed inline against a 1 MiB budget"
+
+
+def test_open_dir_refuses_dot_dot(work):
+    """below= is where the walk starts; ".." would climb out of it."""
+    os.mkdir(work.path("a"))
+    with pytest.raises(ValueError, match="normalised"):
+        safefs.open_dir(work.path("a") + "/../a", below=work.path("a"))
+    fd = safefs.open_dir(work.path("a"), below=work.parent)
+    os.close(fd)
