@@ -114,37 +114,65 @@ def mount_roots(paths):
     return out
 
 
-def _holds(table, roots, marks=()):
-    """Whether a mount table has one of roots (job directories) mounted, or
-    a mount whose " - fstype source " part matches one of marks (the job's
-    tmpfs mounts, mountopts.tmpfs_marks)."""
-    return any(mdev == dev and (root == top or root.startswith(top + b"/"))
-               for mdev, root, _, _ in table for dev, top in roots) \
-        or any(mark in rest for _, _, _, rest in table for mark in marks)
+def _mangle(path):
+    """path as mountinfo writes it: space, tab, newline and backslash as
+    octal escapes."""
+    for c in b"\\ \t\n":
+        path = path.replace(bytes([c]), b"\\%03o" % c)
+    return path
 
 
-def _mounts_any_of(pid, roots, marks=()):
-    try:
-        table = mountinfo(pid)
-    except OSError:
-        return False
-    return _holds(table, roots, marks)
+def _table_holds(data, roots, marks=()):
+    """Whether mountinfo text (raw bytes) has one of roots (job directories:
+    device and root field) mounted, or a mount whose " - fstype source "
+    part is one of marks (the job's tmpfs mounts, mountopts.tmpfs_marks).
+    A search of the raw text, never a parse: the table is the user's to
+    make as long as the kernel allows.  Fields are separated by plain
+    spaces and every space inside one is escaped, so " DEV ROOT" can only
+    be the device and root fields of a line."""
+    if any(mark in data for mark in marks):
+        return True
+    for dev, top in roots:
+        pat = b" " + dev + b" " + _mangle(top)
+        i = data.find(pat)
+        while i >= 0:
+            if data[i + len(pat):i + len(pat) + 1] in (b" ", b"/"):
+                return True
+            i = data.find(pat, i + 1)
+    return False
 
 
-PROBE_SECONDS = 2.0
+PROBE_SECONDS = 1.0         # all probes of one teardown together
 
 
-def _ns_mounts_any_of(nsfd, roots, marks=()):
-    """Whether the mount namespace open on nsfd has one of roots mounted,
-    seen from the namespace's own root.  /proc/PID/mountinfo shows only the
-    mounts under that process's root: a user who chroots (or pivots) in a
-    user+mount namespace of their own hides the job's mounts from it.  A
-    forked child (single-threaded, as setns needs) joins the namespace,
-    which puts it at the namespace's root, and reads its own mountinfo."""
+def _ns_mounts_any_of(nsfd, roots, marks=(), seconds=PROBE_SECONDS):
+    """Whether the mount namespace open on nsfd has one of roots (or a
+    mount marked with one of marks) mounted, seen from its own root; None
+    when that was not known within `seconds`.
+
+    A forked child (single-threaded, as setns needs) joins the namespace,
+    which puts it at the namespace's root, and reads its own mountinfo: a
+    user who chroots in a user+mount namespace of their own hides the job's
+    mounts from /proc/PID/mountinfo, which shows only what is under the
+    process's root.  It reads through the daemon's own /proc, opened before
+    setns: after it, "/proc" is whatever the namespace's owner mounted
+    there.  Never in the daemon itself: the table's size is the user's
+    (up to fs.mount-max mounts on long paths: tens of megabytes)."""
     def probe(w):
+        procfd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         kernel.setns(nsfd, kernel.CLONE_NEWNS)
-        os.write(w, b"1" if _holds(mountinfo(), roots, marks) else b"0")
-    return forked.run(probe, PROBE_SECONDS) == b"1"
+        fd = os.open("thread-self/mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.write(w, b"1" if _table_holds(b"".join(chunks), roots, marks) else b"0")
+    if seconds <= 0:
+        return None
+    data = forked.run(probe, seconds)
+    return None if data is None else data == b"1"
 
 
 # --- processes in a namespace ---------------------------------------------
@@ -161,7 +189,9 @@ class _Matcher:
     user's or its user namespace is (a container's processes run under
     subordinate uids).  Where those directories are mounted from
     (mount_roots) is only worked out when such a process turns up: it reads
-    the host's mountinfo, one line per live job.  marks: the same for the
+    the host's mountinfo, one line per live job.  Each such namespace is
+    judged by a forked probe (_ns_mounts_any_of), never by reading its
+    mount table in the daemon; the probes share PROBE_SECONDS.  marks: the same for the
     job's tmpfs mounts, found by their source (mountopts.tmpfs_marks), for
     a job with no directory to look for.
 
@@ -171,6 +201,7 @@ class _Matcher:
 
     def __init__(self, ns_id, holding=(), uid=None, marks=()):
         self.holding, self.uid, self.marks = holding, uid, marks
+        self.probe_deadline = time.monotonic() + PROBE_SECONDS
         self.roots = None
         self.held = []
         self.valid = ns_id[0] == os.stat("/proc/self/ns/mnt").st_dev
@@ -234,8 +265,16 @@ class _Matcher:
                 return False    # the process changed namespace meanwhile: judged next time
             if self.roots is None:
                 self.roots = mount_roots(self.holding)
-            self.verdict[ident] = bool(self.roots or self.marks) and (
-                _mounts_any_of(pid, self.roots, self.marks) or _ns_mounts_any_of(self.held[-1], self.roots, self.marks))
+            if not (self.roots or self.marks):
+                self.verdict[ident] = False
+            else:
+                # One time budget for every probe of this teardown; a
+                # namespace of the job user's that could not be judged in
+                # it counts as the job's (it is the user's own, and a mount
+                # table made slow on purpose must not let it escape).
+                held = _ns_mounts_any_of(self.held[-1], self.roots, self.marks,
+                                         self.probe_deadline - time.monotonic())
+                self.verdict[ident] = True if held is None else held
         return self.verdict[ident]
 
     def close(self):

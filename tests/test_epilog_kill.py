@@ -265,3 +265,96 @@ def test_new_pids_wrap_at_pid_max():
     assert list(proc._new_pids(10, 13, 32768)) == [11, 12, 13]
     assert list(proc._new_pids(32766, 301, 32768)) == [32767, 300, 301]
     assert list(proc._new_pids(5, 5, 32768)) == []
+
+
+def _wait_ready(p, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if b"ready" in line:
+            return
+        assert line, "the user's process ended before it was ready"
+    raise AssertionError("the user's process did not get ready")
+
+
+# In a user+mount namespace of the job user's own (a copy of the job's):
+# /proc covered by a tmpfs with an empty self/mountinfo, and a chroot into a
+# fresh tmpfs, so that /proc/PID/mountinfo, seen from the daemon, shows no
+# mount of the job's either.
+HIDE_FROM_PROBE = r"""
+set -e
+mkdir -p /tmp/fakeproc /tmp/jail
+mount -t tmpfs x /tmp/fakeproc
+mkdir /tmp/fakeproc/self
+: > /tmp/fakeproc/self/mountinfo
+mount -t tmpfs y /tmp/jail
+mount --bind /tmp/fakeproc /proc
+exec /usr/bin/python3 -c 'import os, time; os.chroot("/tmp/jail"); os.chdir("/"); print("ready", flush=True); time.sleep(300)'
+"""
+
+
+@pytest.mark.parametrize("conf", ["", "tmpfs=/tmp:8m tmpfs=/var/tmp:8m"])
+def test_the_namespace_probe_reads_the_daemons_proc_not_the_users(daemon_factory, conf):
+    """The probe joins the user's namespace to see its mounts from its
+    root; it must read its mountinfo through the daemon's /proc, not the
+    "/proc" the namespace's owner mounted."""
+    d = daemon_factory(conf)
+    job = 4120
+    assert d.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
+    p = subprocess.Popen(["nsenter", f"--mount={d.pin(job)}", "--", "setpriv", f"--reuid={CHAIN_UID}",
+                          f"--regid={CHAIN_UID}", "--clear-groups", "unshare", "-Urm", "sh", "-c", HIDE_FROM_PROBE],
+                         stdout=subprocess.PIPE)
+    try:
+        _wait_ready(p)
+        r = d.destroy(job, restart=0)
+        assert r["ok"] and p.pid in r["killed"], r
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# Many tmpfs mounts stacked on one long path full of spaces (each escaped
+# to four bytes in mountinfo): a mount table of tens of megabytes.
+MANY_MOUNTS = r"""
+set -e
+cd /tmp
+seg=$(printf ' %.0s' $(seq 1 200))
+d="a$seg/b$seg/c$seg/d$seg/e$seg/f$seg/g$seg/h$seg/i$seg/j$seg/k$seg/l$seg/m$seg/n$seg/o$seg/p$seg/q$seg/r$seg"
+mkdir -p "$d"
+i=0
+while [ $i -lt 3000 ]; do mount -t tmpfs x "/tmp/$d"; i=$((i+1)); done
+echo ready
+exec sleep 300
+"""
+
+
+def test_a_users_mount_table_holds_other_requests_for_the_probe_budget_at_most(daemon_factory):
+    """The job's user decides how big the mount tables of their own
+    namespaces are.  The daemon never parses one in its main thread; the
+    probes of one teardown share proc.PROBE_SECONDS, after which a
+    namespace of the user's not yet judged counts as the job's."""
+    import threading
+    d = daemon_factory("tmpfs=/tmp:8m tmpfs=/var/tmp:8m")
+    job = 4121
+    assert d.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
+    p = subprocess.Popen(["nsenter", f"--mount={d.pin(job)}", "--", "setpriv", f"--reuid={CHAIN_UID}",
+                          f"--regid={CHAIN_UID}", "--clear-groups", "unshare", "-Urm", "sh", "-c", MANY_MOUNTS],
+                         stdout=subprocess.PIPE)
+    try:
+        _wait_ready(p)
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=d.destroy(job, restart=0)))
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert d.create(job + 1)["ok"]          # another job's Prolog
+        waited = time.monotonic() - t0
+        t.join(120)
+        assert out["r"]["ok"] and p.pid in out["r"]["killed"], out
+        assert waited < proc.PROBE_SECONDS + 0.8, f"another job's create waited {waited:.1f} s"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        d.destroy(job + 1)
