@@ -161,13 +161,16 @@ def open_for_sbcast(cfg, state):
             hostpath.open_top_to_owner(pfd, os.path.basename(state["dir"]), state["sbcast_tmp"])
 
 
-def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0):
+def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0, on_tmpfs=None):
     """Tear down whatever job has on this node.  Idempotent: no pin and no
     directory is success.  Returns a dict describing what was done.
 
     The directory comes from the state file, and other runs' directories
     are looked for too (runs_to_tear_down).  keep_until (Unix time): keep
-    the directories under their kept name (keep_failed=) instead."""
+    the directories under their kept name (keep_failed=) instead.
+    on_tmpfs(nsfd, mount points): handed an fd on the job's namespace,
+    opened before the unpin, to empty its tmpfs= points (the callee owns
+    the fd)."""
     info = {"job": job, "killed": [], "cgroups": [], "unpinned": False, "dirs": [], "kept": [],
             "keep_errors": [], "usage": None}
     state = runstate.read_state(cfg, job) or {}
@@ -201,6 +204,15 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         # now that its processes are gone and before the unpin frees it:
         # the tmpfs lives nowhere else.
         tmpfs = mountopts.tmpfs_totals(mountopts.tmpfs_usage(names.pin_path(cfg.rundir, job), tmpfs_points))
+        if on_tmpfs:
+            # A process of the user's outside the job (an ssh session, a
+            # task of their other job) may hold a directory of the tmpfs
+            # open through /proc/<task>/root: then the unpin does not free
+            # it, and its files would outlive the job.  A worker empties it
+            # from inside the namespace, which the fd keeps alive.
+            nsfd = mountopts.open_namespace(names.pin_path(cfg.rundir, job))
+            if nsfd is not None:
+                on_tmpfs(nsfd, tmpfs_points)
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         runstate.unpin(cfg, job)
         info["unpinned"] = True
@@ -257,6 +269,10 @@ class Jobs:
         return lambda parent, name, usage_ok=False, usage_extra=None, **_: self.removals.queue(
             parent, name, user, usage=usage and usage_ok, usage_extra=usage_extra)
 
+    def _empty_tmpfs_for(self, job, user):
+        """on_tmpfs for destroy: a worker empties the tmpfs= points."""
+        return lambda nsfd, points: self.removals.queue_emptying(job, user, nsfd, points)
+
     def _cancel_script(self, job, reason):
         run = self.scripts.pop(job, None)
         if run is not None:
@@ -283,7 +299,7 @@ class Jobs:
         if st or ident or os.path.lexists(names.pin_path(cfg.rundir, job)):
             # A previous run of this job (requeue without Epilog here, or a
             # half-made attempt): start from nothing.
-            destroy(cfg, job, restart_hint=restart, on_trash=self._trash_for(user))
+            destroy(cfg, job, restart_hint=restart, on_trash=self._trash_for(user), on_tmpfs=self._empty_tmpfs_for(job, user))
         try:
             st = create(cfg, job, restart, f["uid"], f["gid"], f.get("user", ""), on_trash=on_trash,
                         limit=self.job_limit(job, f.get("slurm_conf"), user), ready=not cfg.ns_script)
@@ -382,7 +398,7 @@ class Jobs:
         keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
         state = runstate.read_state(cfg, job) or {}
         info = destroy(cfg, job, restart_hint=f.get("restart"), on_trash=self._trash_for(user),
-                       keep_until=keep, exit_code=code)
+                       keep_until=keep, exit_code=code, on_tmpfs=self._empty_tmpfs_for(job, user))
         self._sweep_leftovers(job, user, state)
         if keep and cfg.tmpfs:
             # A tmpfs= point lives only in the job's namespace, gone with it.
@@ -499,7 +515,7 @@ class Jobs:
                 continue
             log.warning(event("recover", "rollback", job, user_of(st), state=(st or {}).get("state", "unreadable"),
                               pin="live" if ident else "none"))
-            destroy(cfg, job, on_trash=self._trash_for(user_of(st)))
+            destroy(cfg, job, on_trash=self._trash_for(user_of(st)), on_tmpfs=self._empty_tmpfs_for(job, user_of(st)))
         for pin in runstate.list_pins(cfg):
             if pin not in live:
                 log.warning(event("recover", "unpin-orphan", pin))

@@ -128,6 +128,57 @@ def statvfs_usage(path):
 USAGE_SECONDS = 2.0
 
 
+def open_namespace(pin_path):
+    """An O_RDONLY fd on the mount namespace pinned at pin_path, or None."""
+    try:
+        fd = os.open(pin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if kernel.ns_type(fd) == kernel.CLONE_NEWNS:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+EMPTY_TRIES = 3
+
+
+def empty_tmpfs(nsfd, mounts):
+    """Runs in a removal worker (a forked child: single-threaded, as setns
+    needs): join the job's namespace, which nsfd keeps alive, remove
+    everything in each tmpfs= point, then shrink each to what is still in
+    use (an open unlinked file keeps its pages, as on disk), so that a
+    directory of it held open from outside the job cannot be filled
+    again.  A name created meanwhile makes the shrink fail (EINVAL): then
+    again, EMPTY_TRIES times.  Returns a removal report."""
+    from . import safefs
+
+    kernel.setns(nsfd, kernel.CLONE_NEWNS)
+    stats = safefs.RemoveStats()
+    for m in mounts:
+        for attempt in range(EMPTY_TRIES):
+            fd = safefs.open_dir(m)
+            try:
+                for name in os.listdir(fd):
+                    safefs.remove_tree(fd, name, stats)
+                v = os.statvfs(fd)
+            finally:
+                os.close(fd)
+            used = max((v.f_blocks - v.f_bfree) * v.f_frsize, 4096)
+            inodes = max(v.f_files - v.f_ffree, 1)
+            keep = v.f_flag & (os.ST_RDONLY | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME)
+            try:
+                kernel.mount(None, m, None, kernel.MS_REMOUNT | ALWAYS | keep, f"size={used},nr_inodes={inodes}")
+                break
+            except OSError as e:
+                if attempt == EMPTY_TRIES - 1:
+                    stats.fail("mount", m, e.errno)
+    return stats
+
+
 def tmpfs_usage(pin_path, mounts):
     """{mount point: [bytes used, bytes size, entries]} of a job's tmpfs=
     points, read with statvfs from inside its namespace, or {} when that

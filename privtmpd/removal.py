@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import forked, jobdirs, leftovers, limitfs, names, safefs
+from . import forked, jobdirs, leftovers, limitfs, mountopts, names, safefs
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -50,6 +50,7 @@ Key = Tuple[str, str]        # (parent directory, trash name)
 
 QUEUED, RUNNING, DEFERRED = "queued", "running", "deferred"
 SWEEP = "<leftovers>"        # the parent of a sweep's record: never a directory
+EMPTYING = "<tmpfs>"         # the parent of a tmpfs emptying's record
 
 
 @dataclass
@@ -69,11 +70,14 @@ class _Removal:
     usage: bool = False                     # log the job's usage from this removal's counts
     usage_extra: Optional[dict] = None      # plus these (the job's tmpfs= points: bytes, files)
     sweep: Optional[dict] = None            # leftovers.sweep()'s arguments: a sweep, not a tree
+    emptying: Optional[dict] = None         # {"nsfd", "points"}: a job's tmpfs= points, not a tree
 
     @property
     def path(self):
         if self.sweep is not None:
             return f"{self.name} in {','.join(self.sweep['points'])}"
+        if self.emptying is not None:
+            return f"{self.name} at {','.join(self.emptying['points'])}"
         return f"{self.parent}/{self.name}"
 
 
@@ -90,6 +94,7 @@ class RemovalQueue:
         self.replied = False                       # a reply went out since the last step
         self.stopping = False
         self._free = {"trees": 0, "sweeps": 0}     # worker places free in this step()
+        self._emptyings = 0                        # tmpfs emptyings queued so far (their names)
 
     # --- what is there ----------------------------------------------------
 
@@ -115,6 +120,16 @@ class RemovalQueue:
         if key not in self._all:
             self._all[key] = _Removal(*key, user, handed_over=True, sweep=sweep)
             self._order.append(key)
+
+    def queue_emptying(self, job: int, user, nsfd: int, points) -> None:
+        """Queue the emptying of a job's tmpfs= points (mountopts.empty_tmpfs)
+        in a worker, in the namespace nsfd keeps alive (the queue owns the
+        fd and closes it once the worker has its copy).  Not retried."""
+        self._emptyings += 1
+        key = (EMPTYING, f"tmpfs of job {job} ({self._emptyings})")
+        self._all[key] = _Removal(*key, user, handed_over=True,
+                                  emptying={"job": job, "nsfd": nsfd, "points": list(points)})
+        self._order.append(key)
 
     def set_user(self, parent: str, name: str, user) -> None:
         r = self._all.get((parent, name))
@@ -251,6 +266,8 @@ class RemovalQueue:
         # An OSError from fork leaves the removal queued: tried again next turn.
         pid, rfd = forked.spawn(lambda wfd: self._worker(wfd, r))
         self._free["sweeps" if r.sweep is not None else "trees"] -= 1
+        if r.emptying is not None:
+            os.close(r.emptying.pop("nsfd"))        # the worker has its own
         self._order.remove((r.parent, r.name))
         if not r.handed_over:
             r.stats = None
@@ -270,6 +287,12 @@ class RemovalQueue:
                 os.nice(10)
             except OSError:
                 pass
+            if r.emptying is not None:
+                if "nsfd" not in r.emptying:
+                    raise RuntimeError("the job's namespace was let go before this attempt")
+                stats = mountopts.empty_tmpfs(r.emptying["nsfd"], r.emptying["points"])
+                os.write(wfd, json.dumps(dict(stats.__dict__, user=r.user)).encode()[:_REPORT_MAX])
+                os._exit(0)
             if r.sweep is not None:
                 args = {k: v for k, v in r.sweep.items() if k != "job"}
                 os.write(wfd, json.dumps(leftovers.sweep(**args)).encode()[:_REPORT_MAX])
@@ -329,6 +352,9 @@ class RemovalQueue:
         ms = (time.monotonic() - r.started) * 1000
         if r.sweep is not None:
             self._sweep_done(r, info, ms)
+            return
+        if r.emptying is not None:
+            self._emptying_done(r, info, ms)
             return
         job, user = jobdirs.job_of(self.cfg.base_name, r.name), info.get("user", r.user)
         # Bytes only when every removed file was measured (count_bytes=, or
@@ -398,6 +424,23 @@ class RemovalQueue:
             log.warning(event("leftovers", "found", job, r.user, ms, **fields,
                               note="host_leftovers=report: not removed; sbcast to $PRIVTMPD_HOST_TMP (sbcast=yes) "
                                    "lands in the job's /tmp"))
+
+    def _emptying_done(self, r: _Removal, info: dict, ms: float) -> None:
+        """A job's tmpfs= points emptied: logged like a removal when it
+        removed something or failed (usually there was nothing: the job's
+        processes are gone, and nobody held the tmpfs)."""
+        del self._all[(r.parent, r.name)]
+        assert r.emptying is not None
+        job, where = r.emptying["job"], "tmpfs:" + ",".join(r.emptying["points"])
+        if "error" in info or info.get("failures"):
+            log.error(event("remove", "incomplete", job, r.user, ms, dir=where, by="worker",
+                            files=info.get("files", 0), errors="; ".join(info.get("errors", [info.get("error", "")])[:5]),
+                            note="a process outside the job holds the tmpfs; it is freed when that process lets go"))
+            self.metrics.inc("privtmpd_removals_total", result="incomplete")
+        elif info.get("files") or info.get("dirs"):
+            log.warning(event("remove", "ok", job, r.user, ms, dir=where, by="worker", files=info["files"],
+                              dirs=info["dirs"], note="the job's tmpfs was held open from outside the job: emptied"))
+            self.metrics.inc("privtmpd_removals_total", result="ok")
 
     def _defer(self, r: _Removal, job) -> None:
         """A removal failed (an I/O error, a busy or immutable entry): try

@@ -340,6 +340,42 @@ def test_tmpfs_only_job_processes_are_found_by_their_tmpfs(daemon_factory, where
             job_proc.wait()
 
 
+def test_a_tmpfs_held_open_from_outside_the_job_is_emptied_at_teardown(daemon_factory):
+    """A process of the job user's outside the job (an ssh session, a task
+    of their other job) holds the job's /tmp through /proc/<task>/root:
+    the unpin does not free that tmpfs.  Teardown empties it from inside
+    the namespace and shrinks it to what is in use, so neither the job's
+    files nor new ones live on in memory no job accounts for."""
+    d = daemon_factory("tmpfs=/tmp:64m tmpfs=/var/tmp:8m")
+    assert d.create(14)["ok"]
+    task = subprocess.Popen(["nsenter", f"--mount={d.pin(14)}", "--", "setpriv", f"--reuid={USER}",
+                             f"--regid={USER}", "--clear-groups", "sh", "-c",
+                             "mkdir /tmp/sub && head -c 16000000 /dev/zero > /tmp/sub/big && echo ready && "
+                             "exec sleep 300"], stdout=subprocess.PIPE)
+    holder = None
+    try:
+        assert b"ready" in task.stdout.readline()
+        holder = subprocess.Popen(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups", "sh", "-c",
+                                   f"cd /proc/{task.pid}/root/tmp && echo ready && exec sleep 300"],
+                                  stdout=subprocess.PIPE)
+        assert b"ready" in holder.stdout.readline()
+        r = d.destroy(14, restart=0)
+        assert r["ok"] and task.pid in r["killed"], r
+        assert task.wait(10) == -9
+        d.wait_removals()
+        held = f"/proc/{holder.pid}/cwd"
+        assert os.listdir(held) == [], os.listdir(held)
+        # Nothing new fits either.
+        w = subprocess.run(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups", "sh", "-c",
+                            f"echo x > {held}/again"], capture_output=True, text=True)
+        assert w.returncode != 0 and "No space left" in w.stderr, w
+    finally:
+        for p in (task, holder):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_restart_with_replaced_pin_rolls_back(daemon):
     assert daemon.create(9)["ok"]
     subprocess.run(["umount", "-l", daemon.pin(9)], check=True)
