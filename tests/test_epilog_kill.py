@@ -267,6 +267,14 @@ def test_new_pids_wrap_at_pid_max():
     assert list(proc._new_pids(5, 5, 32768)) == []
 
 
+def _in_own_namespace(d, job, script):
+    """As the job's user, inside the job, in a user+mount namespace of
+    their own: sh -c script, which prints "ready" (stdout piped)."""
+    return subprocess.Popen(["nsenter", f"--mount={d.pin(job)}", "--", "setpriv", f"--reuid={CHAIN_UID}",
+                             f"--regid={CHAIN_UID}", "--clear-groups", "unshare", "-Urm", "sh", "-c", script],
+                            stdout=subprocess.PIPE)
+
+
 def _wait_ready(p, seconds=120):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -301,9 +309,7 @@ def test_the_namespace_probe_reads_the_daemons_proc_not_the_users(daemon_factory
     d = daemon_factory(conf)
     job = 4120
     assert d.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
-    p = subprocess.Popen(["nsenter", f"--mount={d.pin(job)}", "--", "setpriv", f"--reuid={CHAIN_UID}",
-                          f"--regid={CHAIN_UID}", "--clear-groups", "unshare", "-Urm", "sh", "-c", HIDE_FROM_PROBE],
-                         stdout=subprocess.PIPE)
+    p = _in_own_namespace(d, job, HIDE_FROM_PROBE)
     try:
         _wait_ready(p)
         r = d.destroy(job, restart=0)
@@ -338,9 +344,7 @@ def test_a_users_mount_table_holds_other_requests_for_the_probe_budget_at_most(d
     d = daemon_factory("tmpfs=/tmp:8m tmpfs=/var/tmp:8m")
     job = 4121
     assert d.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
-    p = subprocess.Popen(["nsenter", f"--mount={d.pin(job)}", "--", "setpriv", f"--reuid={CHAIN_UID}",
-                          f"--regid={CHAIN_UID}", "--clear-groups", "unshare", "-Urm", "sh", "-c", MANY_MOUNTS],
-                         stdout=subprocess.PIPE)
+    p = _in_own_namespace(d, job, MANY_MOUNTS)
     try:
         _wait_ready(p)
         out = {}
