@@ -142,7 +142,7 @@ def _table_holds(data, roots, marks=()):
     return False
 
 
-PROBE_SECONDS = 1.0         # all probes of one teardown together
+PROBE_SECONDS = 1.0         # all probes of one teardown together, at most
 
 
 def _ns_mounts_any_of(nsfd, roots, marks=(), seconds=PROBE_SECONDS):
@@ -201,7 +201,10 @@ class _Matcher:
 
     def __init__(self, ns_id, holding=(), uid=None, marks=()):
         self.holding, self.uid, self.marks = holding, uid, marks
-        self.probe_deadline = time.monotonic() + PROBE_SECONDS
+        # Seconds of probing left: time spent in probes, not since the
+        # start (a namespace the user makes late in a long kill loop is
+        # still probed).
+        self.probe_left = PROBE_SECONDS
         self.roots = None
         self.held = []
         self.valid = ns_id[0] == os.stat("/proc/self/ns/mnt").st_dev
@@ -272,8 +275,9 @@ class _Matcher:
                 # namespace of the job user's that could not be judged in
                 # it counts as the job's (it is the user's own, and a mount
                 # table made slow on purpose must not let it escape).
-                held = _ns_mounts_any_of(self.held[-1], self.roots, self.marks,
-                                         self.probe_deadline - time.monotonic())
+                t0 = time.monotonic()
+                held = _ns_mounts_any_of(self.held[-1], self.roots, self.marks, self.probe_left)
+                self.probe_left -= time.monotonic() - t0
                 self.verdict[ident] = True if held is None else held
         return self.verdict[ident]
 
