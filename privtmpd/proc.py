@@ -189,11 +189,11 @@ class _Matcher:
     user's or its user namespace is (a container's processes run under
     subordinate uids).  Where those directories are mounted from
     (mount_roots) is only worked out when such a process turns up: it reads
-    the host's mountinfo, one line per live job.  Each such namespace is
-    judged by a forked probe (_ns_mounts_any_of), never by reading its
-    mount table in the daemon; the probes share PROBE_SECONDS.  marks: the same for the
+    the host's mountinfo, one line per live job.  marks: the same for the
     job's tmpfs mounts, found by their source (mountopts.tmpfs_marks), for
-    a job with no directory to look for.
+    a job with no directory to look for.  Each such namespace is judged by
+    a forked probe (_ns_mounts_any_of), never by reading its mount table in
+    the daemon; the probes share PROBE_SECONDS.
 
     Verdicts are kept per namespace, and each judged namespace is held open
     (close() releases them): a namespace inode number is reused as soon as
