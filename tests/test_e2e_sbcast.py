@@ -95,8 +95,11 @@ srun -N2 --ntasks-per-node=1 sh -c 'test -e /tmp/plain-$SLURM_JOB_ID.txt; echo "
     for n in NODES:
         assert os.path.exists(stack.node_path(n, "/tmp/privtmp1-before.txt")), n
         os.unlink(stack.node_path(n, "/tmp/privtmp1-before.txt"))
-        log = stack.daemon_log(n)
-        assert f"job={r.jobid} " in log and "op=leftovers result=removed" in log, log[-2000:]
+        # The sweep's child unlinks before its worker reports: the line
+        # comes a moment after the file is gone.
+        wait_for(lambda n=n: any(f"job={r.jobid} " in line and "op=leftovers result=removed" in line
+                             for line in stack.daemon_log(n).splitlines()), timeout=30,
+                 what=f"the op=leftovers line of job {r.jobid} on {n}")
 
 
 def test_another_user_cannot_sbcast_into_a_running_job(stack):

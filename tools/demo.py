@@ -83,7 +83,8 @@ def main():
         info = c.wait_job(jobid)
         say(f"job {jobid} ended ({info['state']}); each node's Epilog tore its namespace down")
         deadline = time.monotonic() + 30
-        while any(os.path.exists(stack.job_dir(n, jobid)) for n in c.nodes) and time.monotonic() < deadline:
+        while any(os.path.exists(stack.job_dir(n, jobid)) or os.path.exists(stack.node_path(n, f"/tmp/sbcast-{jobid}.dat"))
+                  for n in c.nodes) and time.monotonic() < deadline:
             time.sleep(0.1)
         for node in c.nodes:
             print(f"  {node}: /tmp/slurm.{jobid}.0 exists: {os.path.exists(stack.job_dir(node, jobid))}; "
