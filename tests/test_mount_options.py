@@ -62,10 +62,15 @@ def test_options_and_tmpfs_parse():
     ("mount=/tmp\ntmpfs=/tmp:4g limit=1g", "every mount point is a tmpfs="),
 ])
 def test_bad_per_mount_settings_name_the_line(text, message):
+    err = _refused(text)
+    assert err.startswith("/etc/privtmpd/privtmpd.conf:") and message in err, err
+
+
+def _refused(text):
+    """The error config gives for privtmpd.conf with text on its line 2."""
     with pytest.raises(config.ConfigError) as e:
         config.parse(f"base=/tmp/slurm\n{text}\n", "/etc/privtmpd/privtmpd.conf")
-    assert str(e.value).startswith("/etc/privtmpd/privtmpd.conf:"), e.value
-    assert message in str(e.value), e.value
+    return str(e.value)
 
 
 def test_limit_with_some_tmpfs_points_is_fine():
@@ -263,10 +268,8 @@ def test_tmpfs_with_keep_failed_keeps_the_disk_points_and_says_so(daemon_factory
     ("sbcast=yes mode=0750", "must be owner-only"),
 ])
 def test_bad_sbcast_settings_name_the_line(text, message):
-    with pytest.raises(config.ConfigError) as e:
-        config.parse(f"base=/tmp/slurm\n{text}\n", "/etc/privtmpd/privtmpd.conf")
-    assert str(e.value).startswith("/etc/privtmpd/privtmpd.conf:2: "), e.value
-    assert message in str(e.value), e.value
+    err = _refused(text)
+    assert err.startswith("/etc/privtmpd/privtmpd.conf:2: ") and message in err, err
 
 
 @root
