@@ -311,6 +311,12 @@ def test_daemon_stays_in_the_host_namespace_with_one_thread(daemon):
         pins.add(os.stat(daemon.pin(job)).st_ino)
     assert len(pins) == 20
     assert os.readlink(f"/proc/{pid}/ns/mnt") == host
+    # Thread.join() returns once the thread's Python state is gone; the
+    # kernel task leaves /proc a moment later (glibc's thread exit runs
+    # after), so a build thread may still be listed for a few microseconds.
+    deadline = time.monotonic() + 5
+    while os.listdir(f"/proc/{pid}/task") != [str(pid)] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert os.listdir(f"/proc/{pid}/task") == [str(pid)]
     for job in range(700, 720):
         assert daemon.destroy(job)["ok"]
