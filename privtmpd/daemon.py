@@ -116,6 +116,7 @@ class Daemon:
         config.check_filesystem(self.cfg)
         runstate.setup_rundir(self.cfg)
         self.jobs.reconcile()
+        self.removals.resume_sweeps()
         self.listener = self._bind()
 
     def _bind(self):

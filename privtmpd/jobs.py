@@ -161,7 +161,8 @@ def open_for_sbcast(cfg, state):
             hostpath.open_top_to_owner(pfd, os.path.basename(state["dir"]), state["sbcast_tmp"])
 
 
-def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0, on_tmpfs=None):
+def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_code=0, on_tmpfs=None,
+            state=None):
     """Tear down whatever job has on this node.  Idempotent: no pin and no
     directory is success.  Returns a dict describing what was done.
 
@@ -170,10 +171,11 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
     the directories under their kept name (keep_failed=) instead.
     on_tmpfs(nsfd, mount points): handed an fd on the job's namespace,
     opened before the unpin, to empty its tmpfs= points (the callee owns
-    the fd)."""
+    the fd).  state: the job's state file, if the caller has read it."""
     info = {"job": job, "killed": [], "cgroups": [], "unpinned": False, "dirs": [], "kept": [],
             "keep_errors": [], "usage": None}
-    state = runstate.read_state(cfg, job) or {}
+    if state is None:
+        state = runstate.read_state(cfg, job) or {}
     ns_id = runstate.pin_identity(cfg, job)
     if ns_id and isinstance(state.get("ns"), list) and list(ns_id) != state["ns"]:
         # The pin was replaced by hand with some other namespace: never
@@ -199,20 +201,25 @@ def destroy(cfg, job, restart_hint=None, on_trash=None, keep_until=None, exit_co
         except proc.StillRunning as e:
             raise namespace.NamespaceError(str(e)) from None
     tmpfs = None
-    if tmpfs_points and ns_id:
-        # Their usage is one statvfs each, read from inside the namespace
-        # now that its processes are gone and before the unpin frees it:
-        # the tmpfs lives nowhere else.
-        tmpfs = mountopts.tmpfs_totals(mountopts.tmpfs_usage(names.pin_path(cfg.rundir, job), tmpfs_points))
-        if on_tmpfs:
-            # A process of the user's outside the job (an ssh session, a
-            # task of their other job) may hold a directory of the tmpfs
-            # open through /proc/<task>/root: then the unpin does not free
-            # it, and its files would outlive the job.  A worker empties it
-            # from inside the namespace, which the fd keeps alive.
-            nsfd = mountopts.open_namespace(names.pin_path(cfg.rundir, job))
-            if nsfd is not None:
+    nsfd = mountopts.open_namespace(names.pin_path(cfg.rundir, job)) if tmpfs_points and ns_id else None
+    if nsfd is not None:
+        try:
+            # Their usage is one statvfs each, read from inside the
+            # namespace now that its processes are gone and before the
+            # unpin frees it: the tmpfs lives nowhere else.
+            tmpfs = mountopts.tmpfs_totals(mountopts.tmpfs_usage([(nsfd, tmpfs_points)])[0])
+            if on_tmpfs:
+                # A process of the user's outside the job (an ssh session,
+                # a task of their other job) may hold a directory of the
+                # tmpfs open through /proc/<task>/root: then the unpin does
+                # not free it, and its files would outlive the job.  A
+                # worker empties it from inside the namespace, which the fd
+                # keeps alive.
                 on_tmpfs(nsfd, tmpfs_points)
+                nsfd = None         # the worker's now
+        finally:
+            if nsfd is not None:
+                os.close(nsfd)
     if os.path.lexists(names.pin_path(cfg.rundir, job)):
         runstate.unpin(cfg, job)
         info["unpinned"] = True
@@ -398,7 +405,8 @@ class Jobs:
         keep = time.time() + cfg.keep_failed if cfg.keep_failed and code else None
         state = runstate.read_state(cfg, job) or {}
         info = destroy(cfg, job, restart_hint=f.get("restart"), on_trash=self._trash_for(user),
-                       keep_until=keep, exit_code=code, on_tmpfs=self._empty_tmpfs_for(job, user))
+                       keep_until=keep, exit_code=code, on_tmpfs=self._empty_tmpfs_for(job, user),
+                       state=state)
         self._sweep_leftovers(job, user, state)
         if keep and cfg.tmpfs:
             # A tmpfs= point lives only in the job's namespace, gone with it.
@@ -446,14 +454,14 @@ class Jobs:
                     runstate.write_state(cfg, other, st)
         if not later:
             self.removals.queue_sweep(job, state.get("restart", 0), user, dict(
-                job=job, points=points, uid=state["uid"],
+                points=points, uid=state["uid"],
                 gid=state["gid"] if type(state.get("gid")) is int else state["uid"],
                 since=since, until=time.time(), remove=cfg.host_leftovers == leftovers.REMOVE))
 
     def listing(self, f, show=False) -> Tuple[bytes, object]:
         """list, or show one job: states, pins, processes, kept directories
         and removals."""
-        cfg, jobs = self.cfg, []
+        cfg, jobs, tmpfs_ns = self.cfg, [], []
         for job, st in sorted(runstate.all_states(cfg).items()):
             if show and job != f["job"]:
                 continue
@@ -466,8 +474,18 @@ class Jobs:
             if st.get("limit") and isinstance(st.get("dir"), str):
                 st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
             if isinstance(st.get("tmpfs"), dict) and ident:
-                st["tmpfs_used"] = mountopts.tmpfs_usage(names.pin_path(cfg.rundir, job), list(st["tmpfs"]))
+                nsfd = mountopts.open_namespace(names.pin_path(cfg.rundir, job))
+                if nsfd is not None:
+                    tmpfs_ns.append((st, nsfd, list(st["tmpfs"])))
             jobs.append(st)
+        try:
+            # One forked probe for all jobs with tmpfs= points, one time limit.
+            usage = mountopts.tmpfs_usage([(nsfd, points) for _, nsfd, points in tmpfs_ns])
+            for (st, _, _), used in zip(tmpfs_ns, usage):
+                st["tmpfs_used"] = used
+        finally:
+            for _, nsfd, _ in tmpfs_ns:
+                os.close(nsfd)
         if show and not jobs:
             return protocol.error(f"no job {f['job']} on this node", "not-found"), None
         kept = [dict(k, bytes=self.kept.size_of(k["name"])) for k in jobdirs.kept_dirs(cfg)]

@@ -8,6 +8,7 @@ directory under base, which can be kept).
 """
 
 import os
+from typing import List
 
 from . import config, kernel
 
@@ -179,44 +180,41 @@ def empty_tmpfs(nsfd, mounts):
     return stats
 
 
-def tmpfs_usage(pin_path, mounts):
-    """{mount point: [bytes used, bytes size, entries]} of a job's tmpfs=
-    points, read with statvfs from inside its namespace, or {} when that
+def tmpfs_usage(namespaces):
+    """[{mount point: [bytes used, bytes size, entries]}, ...] of the
+    tmpfs= points of each (namespace fd, mount points) in namespaces, read
+    with statvfs from inside each namespace; a {} for every one when that
     fails.
 
     The tmpfs exists only in the job's namespace, so a forked child
     (single-threaded, as setns needs; the daemon itself never leaves the
-    host namespace) joins it through the pin and reports.  statvfs is one
-    call per mount point whatever the job wrote; the time limit bounds a
+    host namespace) joins each namespace in turn and reports: one fork
+    however many jobs are asked about.  statvfs is one call per mount
+    point whatever the jobs wrote; the time limit, shared by all, bounds a
     mount point the job's user made hang (a FUSE mount over it)."""
     from . import forked
 
-    wanted = [m for m in mounts if isinstance(m, str) and m.startswith("/") and " " not in m]
-    if not wanted:
-        return {}
-    try:
-        nsfd = os.open(pin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return {}
+    wanted = [[m for m in mounts if isinstance(m, str) and m.startswith("/") and "\n" not in m]
+              for _, mounts in namespaces]
+    if not any(wanted):
+        return [{} for _ in namespaces]
 
     def probe(w):
-        kernel.setns(nsfd, kernel.CLONE_NEWNS, pin_path)
-        out = []
-        for m in wanted:
-            used, size, entries = statvfs_usage(m)
-            out.append(f"{m} {used} {size} {-1 if entries is None else entries}\n")
-        os.write(w, "".join(out).encode())
+        for i, ((nsfd, _), points) in enumerate(zip(namespaces, wanted)):
+            if not points:
+                continue
+            kernel.setns(nsfd, kernel.CLONE_NEWNS)
+            out = []
+            for m in points:
+                used, size, entries = statvfs_usage(m)
+                out.append(f"{i} {used} {size} {-1 if entries is None else entries} {m}\n")
+            os.write(w, "".join(out).encode())
 
-    try:
-        if kernel.ns_type(nsfd) != kernel.CLONE_NEWNS:
-            return {}
-        data = forked.run(probe, USAGE_SECONDS)
-    finally:
-        os.close(nsfd)
-    usage = {}
+    data = forked.run(probe, USAGE_SECONDS)
+    usage: List[dict] = [{} for _ in namespaces]
     for line in (data or b"").decode(errors="replace").splitlines():
-        m, used, size, entries = line.rsplit(" ", 3)
-        usage[m] = [int(used), int(size), None if entries == "-1" else int(entries)]
+        i, used, size, entries, m = line.split(" ", 4)
+        usage[int(i)][m] = [int(used), int(size), None if entries == "-1" else int(entries)]
     return usage
 
 

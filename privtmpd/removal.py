@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import forked, jobdirs, leftovers, limitfs, mountopts, names, safefs
+from . import forked, jobdirs, leftovers, limitfs, mountopts, names, runstate, safefs
 from .logfmt import describe, event
 
 log = logging.getLogger("privtmpd")
@@ -110,16 +110,38 @@ class RemovalQueue:
         elif r.user is None:
             r.user = user
 
-    def queue_sweep(self, job: int, restart: int, user, sweep: dict) -> None:
+    def queue_sweep(self, job: int, restart: int, user, sweep: dict, recorded=False) -> None:
         """Queue a sweep of the shared mount points for the files job's
         user left there (leftovers.py): always in a worker, since its work
         grows with those directories, and never retried (a sweep that
-        failed is logged; doctor reports what stays)."""
+        failed is logged; doctor reports what stays).  Recorded in the run
+        directory until it is done, for the next daemon should this one
+        stop first (recorded: it is, this is that next daemon)."""
         # One per run: a requeued run's sweep is not lost behind the last one's.
         key = (SWEEP, f"files of job {job}.{restart}'s user")
-        if key not in self._all:
-            self._all[key] = _Removal(*key, user, handed_over=True, sweep=sweep)
-            self._order.append(key)
+        if key in self._all:
+            return
+        sweep = dict(sweep, job=job, restart=restart)
+        if not recorded:
+            try:
+                runstate.write_sweep(self.cfg, job, restart, dict(sweep, user=user))
+            except OSError as e:
+                log.warning(event("leftovers", "not-recorded", job, user, error=describe(e),
+                                  note="swept now, but not again should privtmpd stop first"))
+        self._all[key] = _Removal(*key, user, handed_over=True, sweep=sweep)
+        self._order.append(key)
+
+    def resume_sweeps(self) -> None:
+        """At start-up: queue the sweeps the last daemon recorded and did
+        not finish."""
+        for job, restart, sweep in runstate.pending_sweeps(self.cfg):
+            if job is None:
+                log.warning(event("leftovers", "bad-record", None, file=f"{self.cfg.rundir}/sweeps/{restart}",
+                                  error=sweep, note="removed; not a sweep privtmpd wrote"))
+                continue
+            user = sweep.get("user")
+            self.queue_sweep(job, restart, user if isinstance(user, (str, int)) else sweep["uid"], sweep,
+                             recorded=True)
 
     def queue_emptying(self, job: int, user, nsfd: int, points) -> None:
         """Queue the emptying of a job's tmpfs= points (mountopts.empty_tmpfs)
@@ -294,7 +316,7 @@ class RemovalQueue:
                 os.write(wfd, json.dumps(dict(stats.__dict__, user=r.user)).encode()[:_REPORT_MAX])
                 os._exit(0)
             if r.sweep is not None:
-                args = {k: v for k, v in r.sweep.items() if k != "job"}
+                args = {k: r.sweep[k] for k in ("points", "uid", "gid", "since", "until", "remove")}
                 os.write(wfd, json.dumps(leftovers.sweep(**args)).encode()[:_REPORT_MAX])
                 os._exit(0)
             pfd = safefs.open_dir(r.parent)
@@ -401,6 +423,7 @@ class RemovalQueue:
         del self._all[(r.parent, r.name)]
         assert r.sweep is not None
         job, remove = r.sweep["job"], r.sweep["remove"]
+        runstate.remove_sweep(self.cfg, job, r.sweep["restart"])
         if "error" in info:
             info = {"found": 0, "removed": 0, "names": [], "errors": [info["error"]]}
         if info.get("removed"):

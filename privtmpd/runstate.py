@@ -6,6 +6,9 @@ jobs have a namespace on this node.
   <rundir>/ns/J      the pin: /proc/<pid>/ns/mnt of the job's namespace
                      bind-mounted onto a file, which keeps the namespace alive
                      with no process in it
+  <rundir>/sweeps/J.R.json   a sweep of the shared mount points for the
+                     leftovers of run R of job J's user, queued and not done
+                     (a restart of the daemon resumes it)
 
 The pin directory is a private mount: a bind of an nsfs file onto a file on
 a shared mount fails with EINVAL, and a shared pin dir would propagate pins
@@ -53,6 +56,7 @@ def setup_rundir(cfg):
     nsdir = f"{cfg.rundir}/ns"
     _secure_dir(nsdir)
     _secure_dir(f"{cfg.rundir}/jobs")
+    _secure_dir(f"{cfg.rundir}/sweeps")
     if not proc.is_mountpoint(nsdir):
         kernel.mount(nsdir, nsdir, None, kernel.MS_BIND)
     make_pin_dir_private(cfg)
@@ -75,9 +79,12 @@ def write_state(cfg, job, state):
     back every job whose state is missing, unreadable or does not match its
     pin, and sweeps directories no live job owns.  (Two fsyncs cost every
     job ~0.9 ms on a disk-backed /run.)"""
-    path = names.state_path(cfg.rundir, job)
+    _write_json(names.state_path(cfg.rundir, job), state)
+
+
+def _write_json(path, obj):
     tmp = f"{path}.tmp"
-    data = json.dumps(state).encode()
+    data = json.dumps(obj).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -138,6 +145,68 @@ def all_states(cfg):
                 continue
             out[job] = read_state(cfg, job)
     return out
+
+
+# --- pending sweeps ------------------------------------------------------
+# A sweep (leftovers.py) is queued after the Epilog's reply and runs in a
+# worker; its record on disk lets the next daemon run it when this one
+# stops first.  The window (since, until) is fixed when it is queued, so a
+# late sweep takes nothing the user created after their jobs ended.
+
+def _sweep_path(cfg, job, restart):
+    return f"{cfg.rundir}/sweeps/{job}.{restart}.json"
+
+
+def write_sweep(cfg, job, restart, sweep):
+    _write_json(_sweep_path(cfg, job, restart), sweep)
+
+
+def remove_sweep(cfg, job, restart):
+    try:
+        os.unlink(_sweep_path(cfg, job, restart))
+    except FileNotFoundError:
+        pass
+
+
+def pending_sweeps(cfg):
+    """[(job, restart, sweep dict)] of every sweep record, oldest first;
+    a record that is not one (unparsable, an odd name or field) is
+    removed and returned as (None, file name, why)."""
+    sweeps = f"{cfg.rundir}/sweeps"
+    out: List[tuple] = []
+    for name in os.listdir(sweeps):
+        path = f"{sweeps}/{name}"
+        if name.endswith(".json.tmp"):      # a write a crash interrupted
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            continue
+        try:
+            job_s, restart_s, ext = name.split(".")
+            if ext != "json":
+                raise ValueError("not a .json file")
+            job, restart = names.parse_job_id(job_s), int(restart_s)
+            if str(restart) != restart_s or restart < 0:
+                raise ValueError("bad restart count")
+            with open(path, encoding="utf-8") as f:
+                sweep = json.load(f)
+            if not (isinstance(sweep, dict) and sweep.get("job") == job
+                    and isinstance(sweep.get("points"), list) and all(isinstance(p, str) for p in sweep["points"])
+                    and all(type(sweep.get(k)) is int for k in ("uid", "gid"))
+                    and sweep["uid"] > 0 and sweep["gid"] >= 0          # never a sweep as root
+                    and all(type(sweep.get(k)) in (int, float) for k in ("since", "until"))
+                    and type(sweep.get("remove")) is bool):
+                raise ValueError("not a sweep record")
+            out.append((os.stat(path).st_mtime, job, restart, sweep))
+        except (ValueError, names.BadName, OSError) as e:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            out.append((0.0, None, name, str(e)))
+    out.sort(key=lambda t: t[0])
+    return [t[1:] for t in out]
 
 
 # --- pins ----------------------------------------------------------------

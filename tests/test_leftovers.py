@@ -323,3 +323,61 @@ def test_the_window_carried_into_a_job_whose_ns_script_runs_is_kept(daemon_facto
         assert os.listdir(shared) == [], "the file of job 501's window escaped the sweep"
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+# --- a sweep outlives the daemon that queued it -------------------------------
+
+def _sweep_record(points, since, until, remove=True):
+    return {"points": points, "uid": U, "gid": U, "since": since, "until": until, "remove": remove}
+
+
+@root
+def test_a_sweep_the_last_daemon_did_not_finish_is_done_by_the_next(daemon_factory, shared):
+    """The Epilog's reply goes out before the sweep runs: a daemon stopped
+    (a restart, an upgrade) between the two leaves a record, and the next
+    daemon sweeps the same window.  A record that is not one is removed and
+    logged."""
+    from privtmpd import runstate
+
+    d = daemon_factory(f"mount={shared} host_leftovers=remove", start=False)
+    since = time.time()
+    _as(U, f"{shared}/sbcast.out")                 # during the job
+    until = time.time() + 0.01
+    time.sleep(0.2)
+    _as(U, f"{shared}/later")                      # after the job's teardown: stays
+    os.makedirs(f"{d.rundir}/sweeps", mode=0o700, exist_ok=True)
+    runstate.write_sweep(d.cfg, 440, 2, dict(_sweep_record([shared], since, until), job=440, user="alice"))
+    with open(f"{d.rundir}/sweeps/441.0.json", "w") as f:
+        f.write('{"job": 441, "points": "/etc", "uid": 0}')       # not a sweep record
+    d.start()
+    line = _line(d, 440)
+    assert "result=removed" in line and "user=alice" in line and "removed=1" in line, line
+    d.wait_removals()
+    assert os.listdir(shared) == ["later"]
+    assert os.listdir(f"{d.rundir}/sweeps") == []
+    assert "op=leftovers result=bad-record" in d.log() and "441.0.json" in d.log()
+
+
+@root
+def test_a_queued_sweep_is_recorded_until_done(tmp_path, shared):
+    """The queue writes the record as it queues the sweep (before the
+    Epilog's reply), a new queue on the same run directory picks it up, and
+    the record goes when the sweep is done."""
+    from privtmpd import config, metrics, removal, runstate
+
+    cfg = config.parse(f"base={tmp_path}/job\nmount={shared}\nrundir={tmp_path}/run\n", str(tmp_path / "c.conf"))
+    runstate.setup_rundir(cfg)
+    try:
+        since = time.time()
+        _as(U, f"{shared}/sbcast.out")
+        first = removal.RemovalQueue(cfg, metrics.Metrics(cfg), lambda: False)
+        first.queue_sweep(450, 1, "bob", _sweep_record([shared], since, time.time() + 0.01))
+        assert os.listdir(f"{cfg.rundir}/sweeps") == ["450.1.json"]      # before any step
+        q = removal.RemovalQueue(cfg, metrics.Metrics(cfg), lambda: False)    # the next daemon's
+        q.resume_sweeps()
+        assert q.count() == 1
+        wait_for(lambda: (q.step(), q.reap(), q.count() == 0)[-1], 30, "the resumed sweep done")
+        assert os.listdir(shared) == []
+        assert os.listdir(f"{cfg.rundir}/sweeps") == []
+    finally:
+        kernel.umount2(f"{cfg.rundir}/ns", kernel.MNT_DETACH)
