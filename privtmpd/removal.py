@@ -94,6 +94,7 @@ class RemovalQueue:
         self.replied = False                       # a reply went out since the last step
         self.stopping = False
         self._free = {"trees": 0, "sweeps": 0}     # worker places free in this step()
+        self._sweeping: set = set()                # uids whose sweep runs, in this step()
         self._emptyings = 0                        # tmpfs emptyings queued so far (their names)
 
     # --- what is there ----------------------------------------------------
@@ -209,8 +210,9 @@ class RemovalQueue:
         deadline = time.monotonic() + INLINE_SECONDS
         # Free worker places, counted once per step (not per queued removal).
         running = [r for r in self._all.values() if r.where == RUNNING]
+        self._sweeping = {r.sweep["uid"] for r in running if r.sweep is not None}
         self._free = {"trees": self.cfg.remove_workers - sum(1 for r in running if r.sweep is None),
-                      "sweeps": 0 if any(r.sweep is not None for r in running) else 1}
+                      "sweeps": self.cfg.remove_workers - len(self._sweeping)}
         while self._order and not self.stopping:
             # The first removal that can go on now: one waiting for a
             # worker must not hold back those behind it (a sweep the user
@@ -235,12 +237,16 @@ class RemovalQueue:
 
     def _can_start(self, r: _Removal, inline: bool) -> bool:
         """Inline removals while the turn lasts; trees in a worker up to
-        remove_workers; sweeps of the shared mount points one at a time,
-        beside those: their length is the user's to choose (up to
-        leftovers.SECONDS)."""
+        remove_workers; sweeps of the shared mount points up to
+        remove_workers too, beside those, and one at a time per user:
+        their length is the user's to choose (a child the user stops is
+        killed after leftovers.SECONDS), so a user who stops theirs holds
+        one place, never another user's sweep nor a removal."""
         if inline and not r.handed_over:
             return True
-        return self._free["sweeps" if r.sweep is not None else "trees"] > 0
+        if r.sweep is not None:
+            return self._free["sweeps"] > 0 and r.sweep["uid"] not in self._sweeping
+        return self._free["trees"] > 0
 
     def _remove_inline(self, r: _Removal, deadline: float) -> bool:
         """Remove r here, within the inline budget.  True when the attempt
@@ -288,6 +294,8 @@ class RemovalQueue:
         # An OSError from fork leaves the removal queued: tried again next turn.
         pid, rfd = forked.spawn(lambda wfd: self._worker(wfd, r))
         self._free["sweeps" if r.sweep is not None else "trees"] -= 1
+        if r.sweep is not None:
+            self._sweeping.add(r.sweep["uid"])
         if r.emptying is not None:
             os.close(r.emptying.pop("nsfd"))        # the worker has its own
         self._order.remove((r.parent, r.name))

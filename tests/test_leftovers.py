@@ -242,10 +242,11 @@ def _make_as(uid, names):
 @root
 def test_a_user_who_stops_their_sweeps_holds_up_no_other_removal(daemon_factory, shared):
     """A sweep's child has the user's uid, so the user may SIGSTOP it; its
-    worker then waits out leftovers.SECONDS.  Sweeps run one at a time
-    beside the removal workers, and a removal that can go on never waits
-    behind one that cannot: another user's small tree is removed at once,
-    however many of the user's short jobs end meanwhile."""
+    worker then waits out leftovers.SECONDS.  Sweeps run beside the
+    removal workers, one at a time per user, and a removal that can go on
+    never waits behind one that cannot: another user's small tree, and
+    their sweep, are done at once, however many of the user's short jobs
+    end meanwhile."""
     d = daemon_factory(f"mount={shared} host_leftovers=remove")
     # Files from before the jobs (never swept) make every sweep look at
     # more entries: time for the user to see its child and stop it.
@@ -260,12 +261,18 @@ def test_a_user_who_stops_their_sweeps_holds_up_no_other_removal(daemon_factory,
         d.create(423, uid=OTHER, gid=OTHER)      # another user's ordinary job
         with open(f"{d.job_dir(423)}/tmp/data", "w") as f:
             f.write("x")
+        _as(OTHER, f"{shared}/theirs423")       # their own sbcast to the shared /tmp
         t0 = time.monotonic()
         d.destroy(423)
         wait_for(lambda: not any(n.startswith("job.423.") for n in os.listdir(d.base_parent)), 100,
                  "job 423's tree removed")
         took = time.monotonic() - t0
         assert took < 5, f"another user's 1-file tree waited {took:.1f} s behind the user's stopped sweeps"
+        line = _line(d, 423, timeout=100)
+        took = time.monotonic() - t0
+        assert "removed=1" in line and not os.path.exists(f"{shared}/theirs423"), line
+        # Behind the stopped ones, it would wait 30 s for each.
+        assert took < 20, f"another user's sweep waited {took:.1f} s behind the user's stopped sweeps"
     finally:
         os.kill(attacker, 9)
         os.waitpid(attacker, 0)
