@@ -148,9 +148,9 @@ def all_states(cfg):
 
 
 # --- pending sweeps ------------------------------------------------------
-# A sweep (leftovers.py) is queued after the Epilog's reply and runs in a
-# worker; its record on disk lets the next daemon run it when this one
-# stops first.  The window (since, until) is fixed when it is queued, so a
+# A sweep (leftovers.py) is queued at the Epilog's request and run by a
+# worker after the reply; its record on disk lets the next daemon run it
+# when this one stops first.  The window (since, until) is fixed when it is queued, so a
 # late sweep takes nothing the user created after their jobs ended.
 
 def _sweep_path(cfg, job, restart):
