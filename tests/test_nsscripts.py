@@ -55,15 +55,16 @@ def wait_script_running(d, timeout=30):
     wait_for(lambda: d.request(op="status")["scripts_running"] == 1, timeout, "a script to be running")
 
 
-def dead(pid):
-    """pid has ended: gone, or a zombie its new parent has not reaped yet
-    (PID 1 here may reap slowly)."""
+def dead(pid, argv=b"sleep\x001000\x00"):
+    """The script's `sleep 1000` at pid has ended: gone, a zombie its new
+    parent has not reaped yet (PID 1 here may reap slowly; a zombie has no
+    command line), or the PID is someone else's now (pid_max is 32768 on
+    this machine, and the suite forks a lot)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except FileNotFoundError:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read() != argv
+    except (FileNotFoundError, ProcessLookupError):
         return True
-    return data[data.rindex(")") + 2:].split(" ", 1)[0] in ("Z", "X")
 
 
 # --- configuration -----------------------------------------------------------
