@@ -321,6 +321,7 @@ def test_stopping_daemon_kills_a_running_script(daemon_factory, scripts):
              and open("/run/privtmpd-test/ns-script.pid").read().endswith("\n"), 30, "the script's pid file")
     with open("/run/privtmpd-test/ns-script.pid") as f:
         pid = int(f.read())
+    wait_for(lambda: not dead(pid), 30, "the script to exec sleep")
     os.unlink("/run/privtmpd-test/ns-script.pid")
     t0 = time.monotonic()
     assert d.stop() == 0
