@@ -771,13 +771,25 @@ class LocalCluster:
         except FileNotFoundError:
             return ""
 
-    def job_info(self, jobid):
-        """scontrol's fields for a job, or {} once slurmctld forgot it."""
-        r = self._client([_which("scontrol"), "-o", "show", "job",
-                          str(jobid)], check=False)
-        if r.returncode:
-            return {}
-        return dict(f.partition("=")[::2] for f in r.stdout.split())
+    def job_info(self, jobid, timeout=60):
+        """scontrol's fields for a job, or {} once slurmctld forgot it.
+
+        Only "Invalid job id" means forgotten: any other failure (a
+        slurmctld too busy to answer within MessageTimeout on a loaded
+        machine) says nothing about the job and is asked again, or wait_job
+        would take a running job for a finished one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self._client([_which("scontrol"), "-o", "show", "job",
+                              str(jobid)], check=False)
+            if not r.returncode:
+                return dict(f.partition("=")[::2] for f in r.stdout.split())
+            if "Invalid job id" in r.stderr:
+                return {}
+            if time.monotonic() > deadline:
+                raise ClusterError(f"scontrol show job {jobid} failed for {timeout}s "
+                                   f"({r.returncode}): {r.stderr.strip()}\n" + self.logs())
+            time.sleep(0.2)
 
     def job_state(self, jobid):
         return self.job_info(jobid).get("JobState")

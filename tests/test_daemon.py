@@ -189,7 +189,7 @@ def test_destroy_kills_processes_left_in_the_job(daemon):
         r = daemon.destroy(204, restart=0)
         assert r["ok"]
         for p in (root_proc, user_proc, nested):
-            assert p.wait(5) == -signal.SIGKILL
+            assert p.wait(30) == -signal.SIGKILL
         assert {root_proc.pid, user_proc.pid, nested.pid} <= set(r["killed"])
         # Only this job's processes: another job's, and one outside, live on.
         time.sleep(0.2)
@@ -415,16 +415,20 @@ def test_background_removal_survives_daemon_crash(daemon_factory, when):
         fill(daemon.pin(job), n)
         assert sum(len(fs) for _, _, fs in os.walk(f"{daemon.job_dir(job)}/tmp")) == n
 
-    # Job 230: measure the Epilog's wait against the removal it no longer waits for.
+    # Job 230: the Epilog's reply does not wait for the removal.  Proved by
+    # order, not by timing (a stall of the daemon during the reply made a
+    # ratio of durations fail on a busy machine): when the reply arrives the
+    # tree, renamed away, still holds files.
     t0 = time.monotonic()
     r = daemon.destroy(230, restart=0)
+    at_reply = [e for e in job_entries(daemon) if e.startswith("job.230.0.deleting.")]
     destroy_s = time.monotonic() - t0
     assert r["ok"]
+    assert at_reply, "the Epilog's reply came after the removal of its 20 000 files"
     daemon.wait_removals(timeout=120)
     removal_s = time.monotonic() - t0
     assert job_entries(daemon) == ["job.231.0"]
     print(f"destroy reply {destroy_s * 1000:.0f} ms, removal of {n} files {removal_s * 1000:.0f} ms")
-    assert destroy_s * 4 < removal_s and destroy_s < 1.0
 
     # Job 231: crash right after the reply.
     r = daemon.destroy(231, restart=0)
@@ -432,12 +436,12 @@ def test_background_removal_survives_daemon_crash(daemon_factory, when):
     if when == "during-worker":
         # Wait until the worker has removed one of the 20 subdirectories.
         [tname] = [e for e in job_entries(daemon) if e.startswith("job.231.0.deleting.")]
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while len(os.listdir(f"{daemon.base_parent}/{tname}/tmp")) == 20:
             assert time.monotonic() < deadline, "the removal did not start"
     daemon.kill()
     # Its worker (a fork, same command line) dies with it.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while processes_of(daemon):
         assert time.monotonic() < deadline, f"removal worker outlived its daemon: {processes_of(daemon)}"
         time.sleep(0.02)
@@ -493,7 +497,7 @@ def test_small_trees_removed_by_the_daemon_big_ones_by_a_worker(daemon_factory, 
 
 # --- clients ---------------------------------------------------------------------
 
-def test_removals_give_way_to_waiting_requests(scratch, caplog):
+def test_removals_give_way_to_waiting_requests(scratch, caplog, monkeypatch):
     """A Prolog or Epilog already waiting on the socket is served before a
     queued removal starts (REMOVAL_MAX_WAIT at most), and an inline
     removal pauses when one arrives, then goes on where it stopped: the
@@ -501,6 +505,13 @@ def test_removals_give_way_to_waiting_requests(scratch, caplog):
     queue's own step, on a real selector and a real socket."""
     from privtmpd import config, removal, safefs
     from privtmpd.metrics import Metrics
+    # The step's time budgets are wall clock: a stall of the test between
+    # two steps (over REMOVAL_MAX_WAIT) or inside one (over INLINE_SECONDS)
+    # would start the removal early or hand it to a worker.  What is tested
+    # is the order of things, so the budgets are made long here and the
+    # hold is ended by setting held_since back.
+    monkeypatch.setattr(removal, "INLINE_SECONDS", 600.0)
+    monkeypatch.setattr(removal, "REMOVAL_MAX_WAIT", 600.0)
     tmp_path = pathlib.Path(scratch)
     cfg = config.parse(f"base={tmp_path}/job\nrundir={tmp_path}/run\n", "test")
     sel = selectors.DefaultSelector()
@@ -583,16 +594,18 @@ def test_silent_and_slow_clients_do_not_block_others(daemon):
     slow.connect(daemon.socket)
     slow.settimeout(15)
     try:
-        # Meanwhile, real work is served at once.
+        # Meanwhile, real work is served at once: a daemon waiting on one of
+        # them would answer only when it gives up on it, 5 s after connect.
         served = 0
         while time.monotonic() - t0 < 3:
             slow.sendall(b"{")          # a byte at a time, never a whole line
             t1 = time.monotonic()
             job = 250 + served
             assert daemon.create(job)["ok"] and daemon.destroy(job, restart=0)["ok"]
-            assert time.monotonic() - t1 < 1.0
+            took = time.monotonic() - t1
+            assert took < 2.0, f"a create and destroy took {took:.1f} s beside the silent clients"
             served += 1
-        assert served >= 3
+        assert served >= 2
         for s in silent + [slow]:
             data = b""
             while True:
@@ -604,7 +617,7 @@ def test_silent_and_slow_clients_do_not_block_others(daemon):
             reply = json.loads(data)
             assert reply["ok"] is False and reply["kind"] == "bad-request"
             assert "no complete request within 5 s" in reply["error"]
-            assert 4.5 < waited < 8, waited
+            assert 4.5 < waited < 10, waited
     finally:
         for s in silent + [slow]:
             s.close()
@@ -668,8 +681,11 @@ def test_a_step_with_every_worker_busy_costs_little_however_long_the_queue():
     for i in range(4000):
         q.queue("/p", f"t{i}")
         q._all[("/p", f"t{i}")].handed_over = True
-    t0 = time.perf_counter()
+    # CPU time of this thread: a preemption of the test (a busy machine)
+    # is not the step's cost; a cost per queued removal per queued removal
+    # would be seconds of CPU here.
+    t0 = time.thread_time()
     q.step()
-    took = time.perf_counter() - t0
-    assert took < 0.05, f"one step() with 4000 removals waiting took {took:.2f} s"
+    took = time.thread_time() - t0
+    assert took < 0.05, f"one step() with 4000 removals waiting took {took:.2f} s of CPU"
     assert q.count(removal.QUEUED) == 4000

@@ -99,18 +99,70 @@ while True:
 """
 
 
-def _start_chain(daemon, job, exe, cgroup_procs=None):
-    """exe in the job's namespace as CHAIN_UID, under a subreaper."""
+def _proc_state(pid):
+    """State letter of pid (R, S, Z...), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2:].split(" ", 1)[0]
+
+
+def _proc_comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _wait_started(reaper, started, what, timeout=60):
+    """Until started(pid) holds for the reaper's child (the sh that execs
+    nsenter, setpriv and then the job's program, all in one pid): the
+    program runs in the job's namespace.  A fixed sleep here let a slow
+    machine run the Epilog before anything was in the namespace."""
+    deadline = time.monotonic() + timeout
+    child = None
+    while True:
+        assert reaper.poll() is None, f"{what} did not start"
+        if child is None:
+            try:
+                with open(f"/proc/{reaper.pid}/task/{reaper.pid}/children") as f:
+                    kids = f.read().split()
+            except OSError:
+                kids = []
+            child = int(kids[0]) if kids else None
+        if child is not None and started(child):
+            return
+        assert time.monotonic() < deadline, f"{what} did not start within {timeout} s"
+        time.sleep(0.01)
+
+
+def _forked_on(pid):
+    # The chain's first link has forked and exited (reaped, or a zombie
+    # not yet reaped): the chain runs, one link at a time.
+    return _proc_state(pid) in (None, "Z")
+
+
+def _start_chain(daemon, job, exe, cgroup_procs=None, started=_forked_on):
+    """exe in the job's namespace as CHAIN_UID, under a subreaper; returns
+    once started(pid of exe) says it runs."""
     enter = f"echo $$ > {cgroup_procs}; " if cgroup_procs else ""
     reaper = subprocess.Popen(["/usr/bin/python3", "-c", REAPER, "sh", "-c",
                                f"{enter}exec nsenter --mount={daemon.pin(job)} -- setpriv --reuid={CHAIN_UID} "
                                f"--regid={CHAIN_UID} --clear-groups {exe}"])
-    time.sleep(0.3)
-    assert reaper.poll() is None, "the fork chain did not start"
+    _wait_started(reaper, started, "the fork chain")
     return reaper
 
 
-def _chain_lives(reaper, seconds):
+# How long the reaper may take to see its last child go once the Epilog
+# said ok: a fork chain that survived would keep it alive for good, so a
+# generous bound costs nothing when the code is right.
+GONE_WITHIN = 30
+
+
+def _chain_lives(reaper, seconds=GONE_WITHIN):
     try:
         reaper.wait(timeout=seconds)
         return False
@@ -136,7 +188,7 @@ def test_epilog_outlasts_a_fork_chain(daemon, chain_exe, figures):
         r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
         ms = (time.monotonic() - t0) * 1000
         assert r.returncode == 0, r.stderr
-        lives = _chain_lives(reaper, 2.0)
+        lives = _chain_lives(reaper)
         figures("epilog against a fork chain", epilog_ms=round(ms, 1), chain_survived=lives)
         assert not lives, "the fork chain lived on after the Epilog said ok"
         assert "op=destroy result=killed" in daemon.log()
@@ -150,10 +202,12 @@ def test_epilog_finds_a_process_hidden_behind_its_exited_leader(daemon, figures)
     assert daemon.create(job, uid=CHAIN_UID, gid=CHAIN_UID)["ok"]
     reaper = None
     try:
-        reaper = _start_chain(daemon, job, exe)
+        # Started once the leader has exited behind its living thread: a
+        # zombie the reaper cannot reap yet.
+        reaper = _start_chain(daemon, job, exe, started=lambda pid: _proc_state(pid) == "Z")
         r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
         assert r.returncode == 0, r.stderr
-        lives = _chain_lives(reaper, 2.0)
+        lives = _chain_lives(reaper)
         figures("a thread living on behind its exited thread-group leader", chain_survived=lives)
         assert not lives, "the thread lived on after the Epilog said ok"
     finally:
@@ -172,11 +226,11 @@ def test_epilog_kills_a_chrooted_process_in_the_users_own_namespace(daemon, figu
         reaper = subprocess.Popen(["/usr/bin/python3", "-c", REAPER, "nsenter", f"--mount={daemon.pin(job)}", "--",
                                    "setpriv", f"--reuid={CHAIN_UID}", f"--regid={CHAIN_UID}", "--clear-groups",
                                    "unshare", "-Urm", "sh", "-c", "cd /tmp && exec chroot /usr /bin/sleep 300"])
-        time.sleep(0.5)
-        assert reaper.poll() is None, "the chrooted process did not start"
+        # sleep is exec'd after the unshare and the chroot.
+        _wait_started(reaper, lambda pid: _proc_comm(pid) == "sleep", "the chrooted process")
         r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
         assert r.returncode == 0, r.stderr
-        lives = _chain_lives(reaper, 3.0)
+        lives = _chain_lives(reaper)
         figures("a process chrooted in a user+mount namespace of the job user's, cwd in the job's /tmp",
                 chain_survived=lives)
         assert not lives, "the chrooted process outlived the Epilog"
@@ -234,7 +288,7 @@ def test_epilog_kills_the_jobs_cgroup(daemon, chain_exe, kind, top):
         reaper = _start_chain(daemon, job, chain_exe, f"{step}/cgroup.procs")
         r = run_hook(daemon, "epilog", job, uid=CHAIN_UID, gid=CHAIN_UID)
         assert r.returncode == 0, r.stderr
-        assert not _chain_lives(reaper, 2.0)
+        assert not _chain_lives(reaper)
         assert f"{root}/slurm/uid_{CHAIN_UID}/job_{job} (" in daemon.log(), daemon.log()
     finally:
         _stop_chain(reaper)
@@ -249,7 +303,11 @@ def test_a_cgroup_of_another_job_or_owner_is_never_killed(daemon):
     root, step = _mk_cgroup(top, 4200)
     sleeper = subprocess.Popen(["sh", "-c", f"echo $$ > {step}/cgroup.procs; exec sleep 30"])
     try:
-        time.sleep(0.2)
+        # In the cgroup once sh has written itself there (it execs sleep after).
+        deadline = time.monotonic() + 30
+        while _proc_comm(sleeper.pid) != "sleep":
+            assert time.monotonic() < deadline and sleeper.poll() is None, "the sleeper did not start"
+            time.sleep(0.01)
         assert proc.cgroup.job_cgroup_of(sleeper.pid, 4201) is None
         assert proc.cgroup.job_cgroup_of(sleeper.pid, 420) is None
         assert proc.cgroup.job_cgroup_of(sleeper.pid, 4200) == ("freezer", f"{root}/slurm/uid_{CHAIN_UID}/job_4200")

@@ -56,10 +56,20 @@ def _kill_loop(d, syscall, request, figures, case, max_steps=60, follow=False):
     for n in range(1, max_steps + 1):
         job = 1000 + n
         prepared = request.prepare(job)
-        with Inject(d.proc.pid, syscall, "signal=SIGKILL", n, follow=follow):
+        with Inject(d.proc.pid, syscall, "signal=SIGKILL", n, follow=follow) as inj:
             r = request.run(job)
             try:
                 d.proc.wait(2 if r.returncode else 0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if inj.was_fired:
+            # Fired after the short wait above, before strace let go (a call
+            # after the reply, on a slow turn of the loop): the daemon is
+            # dying, and must not be taken for one that finished.  (With
+            # follow, the kill may have hit a fork of its instead: then the
+            # daemon lives on, as before.)
+            try:
+                d.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
         if d.proc.poll() is None:

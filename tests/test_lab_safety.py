@@ -98,13 +98,18 @@ def test_multinode_lab_stops_what_an_interrupted_run_left(decoys):
     assert r.returncode == 0, r.stderr
     holders = [int(p) for p in r.stdout.split()]
     inside = []
+    lab_ns = set()
     for pid in holders:
         ns = os.stat(f"/proc/{pid}/ns/pid").st_ino
+        lab_ns.add(ns)
         inside += [int(p) for p in os.listdir("/proc") if p.isdigit() and _ns_ino(p) == ns]
     assert len(inside) > 2 * len(holders), "the interrupted run left no daemons to find"
     c = LabCluster(DEFAULT_LABDIR, nodes=2)
     c.kill_leftovers()
-    alive = [p for p in set(inside) | set(holders) if os.path.exists(f"/proc/{p}/ns")]
+    # Still alive in one of the lab's PID namespaces: a PID that merely
+    # exists again may be anyone's (pid_max is 32768 here, and the suite
+    # forks a lot), so a bare /proc/<pid> check could fail on a reused PID.
+    alive = [p for p in set(inside) | set(holders) if _ns_ino(p) in lab_ns]
     assert alive == [], alive
     assert all(p.poll() is None for p in decoys)
 

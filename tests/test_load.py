@@ -167,6 +167,9 @@ def test_a_million_files(daemon, figures):
     removed = time.monotonic() - t0
     assert [n for n in os.listdir(daemon.base_parent) if "4300" in n] == []
     assert "files=1000000" in daemon.log()
-    assert epilog_ms < 2000
+    # A rename, whatever the tree holds; removing it in the Epilog's wait
+    # would take minutes.  Generous for a busy disk still writing back the
+    # million inodes just made.
+    assert epilog_ms < 10000
     figures("a job that left a million small files", files=made, epilog_ms=round(epilog_ms, 1),
             removal_seconds=round(removed, 1), build_seconds=round(built, 1), leaked=0)

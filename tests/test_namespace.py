@@ -130,17 +130,18 @@ def test_two_processes_of_one_job_share_tmp(daemon):
     pin = daemon.pin(104)
     a = subprocess.Popen(["nsenter", f"--mount={pin}", "--", "setpriv", f"--reuid={USER}", f"--regid={USER}",
                           "--clear-groups", "sh", "-c",
-                          "echo from-a > /tmp/a; i=0; while [ ! -e /tmp/b ] && [ $i -lt 200 ]; do "
+                          "echo from-a > /tmp/a; i=0; while [ ! -e /tmp/b ] && [ $i -lt 1200 ]; do "
                           "sleep 0.05; i=$((i+1)); done; cat /tmp/b"],
                          stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
+        # Generous: each side is a fork and exec of nsenter and setpriv.
+        deadline = time.monotonic() + 60
         while not os.path.exists(f"{daemon.job_dir(104)}/tmp/a"):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         r = nsenter(pin, "sh", "-c", "cat /tmp/a && echo from-b > /tmp/b", user=USER)
         assert r.stdout == "from-a\n"
-        out, _ = a.communicate(timeout=15)
+        out, _ = a.communicate(timeout=120)
         assert out == "from-b\n"
     finally:
         a.kill()
