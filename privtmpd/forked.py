@@ -19,11 +19,13 @@ from typing import Callable, Iterable, Optional, Tuple
 from . import kernel
 
 
-def run(body: Callable[[int], None], seconds: float) -> Optional[bytes]:
+def run(body: Callable[[int], None], seconds: float, partial: bool = False) -> Optional[bytes]:
     """Fork; the child runs body(w) with w the write end of the pipe and
     exits (0 if body returned, 1 if it raised: nothing of the parent's
     Python state, such as finally blocks or atexit, runs in the child).
-    Returns what the child wrote, or None if it did not finish in time."""
+    Returns what the child wrote, or None if it did not finish in time
+    (with partial: what it wrote until then, for a body that reports each
+    piece of its work as it goes)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -55,7 +57,7 @@ def run(body: Callable[[int], None], seconds: float) -> Optional[bytes]:
         except ProcessLookupError:
             pass
         os.waitpid(pid, 0)
-    return data if in_time else None
+    return data if in_time or partial else None
 
 
 PR_SET_DUMPABLE = 4

@@ -462,23 +462,26 @@ class Jobs:
         """list, or show one job: states, pins, processes, kept directories
         and removals."""
         cfg, jobs, tmpfs_ns = self.cfg, [], []
-        for job, st in sorted(runstate.all_states(cfg).items()):
-            if show and job != f["job"]:
-                continue
-            st = dict(st or {"job": job, "state": "unreadable"})
-            ident = runstate.pin_identity(cfg, job)
-            st["pinned"] = bool(ident)
-            st["processes"] = proc.processes_in(ident) if ident else []
-            if job in self.scripts:
-                st["script"] = self.scripts[job].kind
-            if st.get("limit") and isinstance(st.get("dir"), str):
-                st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
-            if isinstance(st.get("tmpfs"), dict) and ident:
-                nsfd = mountopts.open_namespace(names.pin_path(cfg.rundir, job))
-                if nsfd is not None:
-                    tmpfs_ns.append((st, nsfd, list(st["tmpfs"])))
-            jobs.append(st)
         try:
+            for job, st in sorted(runstate.all_states(cfg).items()):
+                if show and job != f["job"]:
+                    continue
+                st = dict(st or {"job": job, "state": "unreadable"})
+                ident = runstate.pin_identity(cfg, job)
+                st["pinned"] = bool(ident)
+                st["processes"] = proc.processes_in(ident) if ident else []
+                if job in self.scripts:
+                    st["script"] = self.scripts[job].kind
+                if st.get("limit") and isinstance(st.get("dir"), str):
+                    st["used"] = (limitfs.limited_fs_usage(st["dir"]) or (None,))[0]
+                if isinstance(st.get("tmpfs"), dict) and ident:
+                    # Held until the probe below, and closed whatever
+                    # fails before it: each fd keeps a job's namespace,
+                    # and its tmpfs, alive after the job's unpin.
+                    nsfd = mountopts.open_namespace(names.pin_path(cfg.rundir, job))
+                    if nsfd is not None:
+                        tmpfs_ns.append((st, nsfd, list(st["tmpfs"])))
+                jobs.append(st)
             # One forked probe for all jobs with tmpfs= points, one time limit.
             usage = mountopts.tmpfs_usage([(nsfd, points) for _, nsfd, points in tmpfs_ns])
             for (st, _, _), used in zip(tmpfs_ns, usage):

@@ -183,15 +183,19 @@ def empty_tmpfs(nsfd, mounts):
 def tmpfs_usage(namespaces):
     """[{mount point: [bytes used, bytes size, entries]}, ...] of the
     tmpfs= points of each (namespace fd, mount points) in namespaces, read
-    with statvfs from inside each namespace; a {} for every one when that
-    fails.
+    with statvfs from inside each namespace; a {} for each one that could
+    not be read whole.
 
     The tmpfs exists only in the job's namespace, so a forked child
     (single-threaded, as setns needs; the daemon itself never leaves the
     host namespace) joins each namespace in turn and reports: one fork
     however many jobs are asked about.  statvfs is one call per mount
     point whatever the jobs wrote; the time limit, shared by all, bounds a
-    mount point the job's user made hang (a FUSE mount over it)."""
+    mount point the job's user made hang (a FUSE mount over it).  One
+    job's namespace must not cost the others their figures: an error in
+    it skips that job only, and at the time limit the jobs already read
+    keep theirs (each job's lines go out in one write, closed by a line
+    that says it is whole, so a job cut short is never half-reported)."""
     from . import forked
 
     wanted = [[m for m in mounts if isinstance(m, str) and m.startswith("/") and "\n" not in m]
@@ -203,18 +207,33 @@ def tmpfs_usage(namespaces):
         for i, ((nsfd, _), points) in enumerate(zip(namespaces, wanted)):
             if not points:
                 continue
-            kernel.setns(nsfd, kernel.CLONE_NEWNS)
-            out = []
-            for m in points:
-                used, size, entries = statvfs_usage(m)
-                out.append(f"{i} {used} {size} {-1 if entries is None else entries} {m}\n")
+            try:
+                kernel.setns(nsfd, kernel.CLONE_NEWNS)
+                out = []
+                for m in points:
+                    used, size, entries = statvfs_usage(m)
+                    out.append(f"{i} {used} {size} {-1 if entries is None else entries} {m}\n")
+            except OSError:
+                continue
+            out.append(f"{i} whole\n")
             os.write(w, "".join(out).encode())
 
-    data = forked.run(probe, USAGE_SECONDS)
+    data = forked.run(probe, USAGE_SECONDS, partial=True)
     usage: List[dict] = [{} for _ in namespaces]
-    for line in (data or b"").decode(errors="replace").splitlines():
-        i, used, size, entries, m = line.split(" ", 4)
-        usage[int(i)][m] = [int(used), int(size), None if entries == "-1" else int(entries)]
+    read: dict = {}
+    # Split on "\n" only: a mount point name may hold any other character
+    # (str.splitlines would also break at \r, \x1c, \u2028...).
+    for line in (data or b"").decode(errors="replace").split("\n"):
+        fields = line.split(" ", 4)
+        try:
+            i = int(fields[0])
+            if fields[1:] == ["whole"]:
+                usage[i] = read.pop(i, {})
+            elif len(fields) == 5:
+                read.setdefault(i, {})[fields[4]] = [int(fields[1]), int(fields[2]),
+                                                     None if fields[3] == "-1" else int(fields[3])]
+        except (ValueError, IndexError):
+            continue        # the last line of a child killed at the time limit
     return usage
 
 

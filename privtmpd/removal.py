@@ -141,8 +141,22 @@ class RemovalQueue:
                                   error=sweep, note="removed; not a sweep privtmpd wrote"))
                 continue
             user = sweep.get("user")
-            self.queue_sweep(job, restart, user if isinstance(user, (str, int)) else sweep["uid"], sweep,
-                             recorded=True)
+            user = user if isinstance(user, (str, int)) else sweep["uid"]
+            # Today's configuration bounds what a record asks for: only the
+            # shared mount points configured now (one dropped from mount=
+            # since may be anything by now), and removal only while
+            # host_leftovers=remove.
+            shared = leftovers.shared_points(self.cfg)
+            dropped = [p for p in sweep["points"] if p not in shared]
+            sweep = dict(sweep, points=[p for p in sweep["points"] if p in shared],
+                         remove=sweep["remove"] and self.cfg.host_leftovers == leftovers.REMOVE)
+            if dropped:
+                log.warning(event("leftovers", "not-resumed", job, user, mounts=",".join(dropped),
+                                  note="no longer a shared mount point of the configuration: not swept"))
+            if not sweep["points"]:
+                runstate.remove_sweep(self.cfg, job, restart)
+                continue
+            self.queue_sweep(job, restart, user, sweep, recorded=True)
 
     def queue_emptying(self, job: int, user, nsfd: int, points) -> None:
         """Queue the emptying of a job's tmpfs= points (mountopts.empty_tmpfs)
@@ -426,12 +440,26 @@ class RemovalQueue:
             del self._all[key]
 
     def _sweep_done(self, r: _Removal, info: dict, ms: float) -> None:
-        """One line when the sweep found something or failed; silence for
-        the usual job that left nothing in the shared mount points."""
+        """The sweep is over: its line, then its record goes (a stop in
+        between sweeps the same window again, which finds nothing more,
+        rather than lose the line).  A record that cannot be removed (a
+        read-only or failing /run) is logged: reap() must go on."""
         del self._all[(r.parent, r.name)]
         assert r.sweep is not None
+        try:
+            self._log_sweep(r, info, ms)
+        finally:
+            try:
+                runstate.remove_sweep(self.cfg, r.sweep["job"], r.sweep["restart"])
+            except OSError as e:
+                log.error(event("leftovers", "record-not-removed", r.sweep["job"], r.user, error=describe(e),
+                                note="the next start sweeps this window again"))
+
+    def _log_sweep(self, r: _Removal, info: dict, ms: float) -> None:
+        """One line when the sweep found something or failed; silence for
+        the usual job that left nothing in the shared mount points."""
+        assert r.sweep is not None
         job, remove = r.sweep["job"], r.sweep["remove"]
-        runstate.remove_sweep(self.cfg, job, r.sweep["restart"])
         if "error" in info:
             info = {"found": 0, "removed": 0, "names": [], "errors": [info["error"]]}
         if info.get("removed"):

@@ -18,6 +18,7 @@ not shadow the many variables and attributes called rundir.)
 
 import errno
 import json
+import math
 import os
 import stat
 from typing import List, Union
@@ -195,7 +196,8 @@ def pending_sweeps(cfg):
                     and isinstance(sweep.get("points"), list) and all(isinstance(p, str) for p in sweep["points"])
                     and all(type(sweep.get(k)) is int for k in ("uid", "gid"))
                     and sweep["uid"] > 0 and sweep["gid"] >= 0          # never a sweep as root
-                    and all(type(sweep.get(k)) in (int, float) for k in ("since", "until"))
+                    and all(type(sweep.get(k)) in (int, float) and math.isfinite(sweep[k]) for k in ("since", "until"))
+                    and sweep["since"] <= sweep["until"]        # json reads -Infinity: a window of all time
                     and type(sweep.get("remove")) is bool):
                 raise ValueError("not a sweep record")
             out.append((os.stat(path).st_mtime, job, restart, sweep))

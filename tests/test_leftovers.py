@@ -354,7 +354,10 @@ def test_a_sweep_the_last_daemon_did_not_finish_is_done_by_the_next(daemon_facto
     from privtmpd import runstate
 
     d = daemon_factory(f"mount={shared} host_leftovers=remove", start=False)
-    since = time.time()
+    # As window_start: a file's btime comes from the kernel's coarse clock,
+    # up to a tick behind time.time() (a file made right after this line
+    # is dated before it).
+    since = time.time() - leftovers.CLOCK_SLACK
     _as(U, f"{shared}/sbcast.out")                 # during the job
     until = time.time() + 0.01
     time.sleep(0.2)
@@ -382,7 +385,7 @@ def test_a_queued_sweep_is_recorded_until_done(tmp_path, shared):
     cfg = config.parse(f"base={tmp_path}/job\nmount={shared}\nrundir={tmp_path}/run\n", str(tmp_path / "c.conf"))
     runstate.setup_rundir(cfg)
     try:
-        since = time.time()
+        since = time.time() - leftovers.CLOCK_SLACK     # btime: the coarse clock
         _as(U, f"{shared}/sbcast.out")
         first = removal.RemovalQueue(cfg, metrics.Metrics(cfg), lambda: False)
         first.queue_sweep(450, 1, "bob", _sweep_record([shared], since, time.time() + 0.01))
@@ -395,3 +398,108 @@ def test_a_queued_sweep_is_recorded_until_done(tmp_path, shared):
         assert os.listdir(f"{cfg.rundir}/sweeps") == []
     finally:
         kernel.umount2(f"{cfg.rundir}/ns", kernel.MNT_DETACH)
+
+
+@root
+def test_a_resumed_sweep_is_bounded_by_todays_configuration(daemon_factory, shared):
+    """A record is the last daemon's: the next one sweeps only the shared
+    mount points it has now (one dropped from mount= may be anything by
+    then), removes only while host_leftovers=remove, and refuses a window
+    json reads as unbounded (-Infinity: every file the user ever made)."""
+    from privtmpd import runstate
+
+    elsewhere = f"{shared}-dropped"
+    shutil.rmtree(elsewhere, ignore_errors=True)
+    os.makedirs(elsewhere)
+    os.chmod(elsewhere, 0o1777)
+    try:
+        d = daemon_factory(f"mount={shared} host_leftovers=report", start=False)
+        _as(U, f"{shared}/long-ago")                   # before any window
+        time.sleep(0.3)
+        since = time.time() - leftovers.CLOCK_SLACK
+        _as(U, f"{shared}/sbcast.out")
+        _as(U, f"{elsewhere}/mine")
+        until = time.time() + 0.01
+        os.makedirs(f"{d.rundir}/sweeps", mode=0o700, exist_ok=True)
+        # Queued by a daemon whose mount= had both, with host_leftovers=remove.
+        runstate.write_sweep(d.cfg, 460, 0, dict(_sweep_record([shared, elsewhere], since, until), job=460,
+                                                  user="alice"))
+        with open(f"{d.rundir}/sweeps/461.0.json", "w") as f:
+            f.write('{"job": 461, "points": ["%s"], "uid": %d, "gid": %d, "since": -Infinity, '
+                    '"until": Infinity, "remove": true, "user": "alice"}' % (shared, U, U))
+        d.start()
+        found = []
+        wait_for(lambda: found.extend(ln for ln in d.log_lines(460, "leftovers") if "result=not-resumed" not in ln)
+                 or found, 30, "job 460's sweep line")
+        line = found[-1]
+        assert "result=found" in line and "found=1" in line and "removed=" not in line, line
+        assert elsewhere not in line, line
+        d.wait_removals()
+        assert sorted(os.listdir(shared)) == ["long-ago", "sbcast.out"]
+        assert os.listdir(elsewhere) == ["mine"]
+        with open(d.log_path, errors="replace") as f:
+            log = f.read()
+        assert "op=leftovers result=not-resumed" in log and elsewhere in log, log
+        assert "op=leftovers result=bad-record" in log and "461.0.json" in log, log
+        assert not [ln for ln in log.splitlines() if "job=461 " in ln and "result=found" in ln], log
+        assert os.listdir(f"{d.rundir}/sweeps") == []
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+@root
+def test_a_record_that_cannot_be_removed_costs_the_sweep_only_a_line(tmp_path, shared, caplog):
+    """The sweep's line is written, and the queue goes on, when its record
+    cannot be removed (an immutable file here; a read-only or failing /run
+    on a node): the next start sweeps the same window again."""
+    from privtmpd import config, metrics, removal, runstate
+
+    cfg = config.parse(f"base={tmp_path}/job\nmount={shared}\nrundir={tmp_path}/run\n", str(tmp_path / "c.conf"))
+    runstate.setup_rundir(cfg)
+    record = f"{cfg.rundir}/sweeps/452.0.json"
+    try:
+        since = time.time() - leftovers.CLOCK_SLACK
+        _as(U, f"{shared}/sbcast.out")
+        q = removal.RemovalQueue(cfg, metrics.Metrics(cfg), lambda: False)
+        q.queue_sweep(452, 0, "carol", _sweep_record([shared], since, time.time() + 0.01))
+        subprocess.run(["chattr", "+i", record], check=True)
+        caplog.set_level("INFO", logger="privtmpd")
+        wait_for(lambda: (q.step(), q.reap(), q.count() == 0)[-1], 30, "the sweep done")
+        assert os.listdir(shared) == []
+        assert "op=leftovers result=removed" in caplog.text and "removed=1" in caplog.text, caplog.text
+        assert "op=leftovers result=record-not-removed" in caplog.text, caplog.text
+        assert os.listdir(f"{cfg.rundir}/sweeps") == ["452.0.json"]
+    finally:
+        subprocess.run(["chattr", "-i", record], check=False)
+        kernel.umount2(f"{cfg.rundir}/ns", kernel.MNT_DETACH)
+
+
+@root
+def test_a_daemon_stopped_right_after_the_epilogs_reply_leaves_the_sweep_to_the_next(daemon_factory, shared):
+    """The path the records are for, end to end: the Epilog's reply, then
+    a stop (SIGTERM: kill_workers) before the sweep's worker is done; the
+    next daemon sweeps the window.  A stop a moment after the reply
+    usually beats the sweep (a fork and a child as the user); an attempt
+    whose sweep finished first proves nothing, and is made again."""
+    d = daemon_factory(f"mount={shared} host_leftovers=remove", start=False)
+    for attempt in range(5):
+        job = 480 + attempt
+        d.start()
+        d.create(job, uid=U, gid=U)
+        _as(U, f"{shared}/sbcast.{job}")
+        assert d.destroy(job)["ok"]
+        d.stop()
+        recorded = f"{job}.0.json" in os.listdir(f"{d.rundir}/sweeps")
+        if recorded and os.path.exists(f"{shared}/sbcast.{job}"):
+            break
+        # Swept, or its child unlinked before it was killed: the record, if
+        # any, is the next daemon's (resumed, it finds nothing).
+        assert recorded or not os.path.exists(f"{shared}/sbcast.{job}"), "neither swept nor recorded"
+    else:
+        pytest.fail("every sweep was done before the daemon's stop")
+    d.start()
+    line = _line(d, job)
+    assert "result=removed" in line and "removed=1" in line, line
+    d.wait_removals()
+    assert os.listdir(shared) == []
+    assert os.listdir(f"{d.rundir}/sweeps") == []

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -506,3 +507,99 @@ def test_exec_on_a_noexec_base_is_reported_by_doctor_and_at_start(noexec_fs, dae
     r = nsenter(d.pin(382), "sh", "-c", _EXEC.format(d="/tmp"), user="65534", check=False)
     assert "rc=0" in r.stdout, r
     d.destroy(382)
+
+
+# --- the usage probe: many jobs' namespaces in one child ---------------------
+
+def _namespace_with_a_hung_tmp():
+    """A process in a private mount namespace of its own whose /tmp is a
+    FUSE mount nobody answers: a statvfs there waits until it is killed,
+    as over a FUSE mount whose daemon is stopped.  Private, so nothing
+    else on the machine ever sees it; gone with the process."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            from privtmpd import kernel
+            os.close(r)
+            kernel.unshare(kernel.CLONE_NEWNS)
+            kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE)
+            fuse = os.open("/dev/fuse", os.O_RDWR)
+            kernel.mount("privtmpd-test-hung", "/tmp", "fuse", kernel.MS_NOSUID | kernel.MS_NODEV,
+                         f"fd={fuse},rootmode=40000,user_id=0,group_id=0")
+            os.write(w, b"x")
+            time.sleep(120)
+        finally:
+            os._exit(1)
+    os.close(w)
+    ready = os.read(r, 1)
+    os.close(r)
+    if ready != b"x":
+        os.waitpid(pid, 0)
+        pytest.skip("no FUSE on this machine (/dev/fuse)")
+    return pid
+
+
+@root
+def test_one_jobs_namespace_costs_no_other_job_its_tmpfs_figures(daemon_factory):
+    """list probes every tmpfs= job in one child: a namespace whose
+    statvfs fails skips that job only, and one that hangs until the time
+    limit costs nothing to the jobs read before it."""
+    from privtmpd import mountopts
+
+    d = daemon_factory("tmpfs=/tmp:8m")
+    d.create(371)
+    d.create(372)
+    a, b = mountopts.open_namespace(d.pin(371)), mountopts.open_namespace(d.pin(372))
+    hung = _namespace_with_a_hung_tmp()
+    h = os.open(f"/proc/{hung}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # A point job 371's namespace does not have: statvfs fails there.
+        usage = mountopts.tmpfs_usage([(a, ["/tmp", "/no/such/point"]), (b, ["/tmp"]), (a, ["/tmp"])])
+        assert usage[0] == {} and usage[1]["/tmp"][1] == usage[2]["/tmp"][1] == 8 << 20, usage
+        t0 = time.monotonic()
+        usage = mountopts.tmpfs_usage([(a, ["/tmp"]), (b, ["/tmp"]), (h, ["/tmp"]), (a, ["/tmp"])])
+        took = time.monotonic() - t0
+        assert took < mountopts.USAGE_SECONDS + 1.5, took
+        assert usage[0]["/tmp"][1] == usage[1]["/tmp"][1] == 8 << 20 and usage[2:] == [{}, {}], usage
+    finally:
+        for fd in (a, b, h):
+            os.close(fd)
+        os.kill(hung, 9)
+        os.waitpid(hung, 0)
+
+
+@root
+def test_list_lets_go_of_every_namespace_when_it_fails(daemon_factory):
+    """list holds an fd on each tmpfs= job's namespace until its one probe:
+    when something fails on the way (here a later job's pin that is a
+    symlink: O_NOFOLLOW, ELOOP; on a node, EMFILE), none may stay open, or
+    each keeps a namespace, and its tmpfs, alive after the job's end."""
+    d = daemon_factory("tmpfs=/tmp:4m")
+    for job in range(381, 385):
+        d.create(job)
+    with open(f"{d.rundir}/jobs/999.json", "w") as f:
+        json.dump({"job": 999, "state": "ready"}, f)
+    os.symlink("/proc/self/ns/mnt", d.pin(999))
+    pid = d.proc.pid
+
+    def namespaces_held():
+        held = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                # An fd opened on a pin reads as the pin's path.
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith((f"{d.rundir}/ns/", "mnt:")):
+                    held.append(fd)
+            except OSError:
+                pass
+        return held
+
+    try:
+        assert namespaces_held() == []
+        reply = d.request(op="list")
+        assert not reply["ok"] and "999" in reply["error"], reply       # it did fail on the way
+        assert namespaces_held() == [], "list left namespaces open: fds " + ", ".join(namespaces_held())
+    finally:
+        os.unlink(d.pin(999))
+        os.unlink(f"{d.rundir}/jobs/999.json")
+    assert d.request(op="list")["ok"]
