@@ -11,6 +11,7 @@ import time
 import pytest
 
 from cli import ctl, wait_for
+from conftest import privileged_skip
 from harness import nsenter
 from privtmpd import config
 
@@ -536,7 +537,7 @@ def _namespace_with_a_hung_tmp():
     os.close(r)
     if ready != b"x":
         os.waitpid(pid, 0)
-        pytest.skip("no FUSE on this machine (/dev/fuse)")
+        privileged_skip("no FUSE on this machine (/dev/fuse, or a kernel without fuse)")
     return pid
 
 
@@ -560,7 +561,7 @@ def test_one_jobs_namespace_costs_no_other_job_its_tmpfs_figures(daemon_factory)
         t0 = time.monotonic()
         usage = mountopts.tmpfs_usage([(a, ["/tmp"]), (b, ["/tmp"]), (h, ["/tmp"]), (a, ["/tmp"])])
         took = time.monotonic() - t0
-        assert took < mountopts.USAGE_SECONDS + 1.5, took
+        assert took < mountopts.USAGE_SECONDS + 5, took      # unbounded, it would wait for the hung mount
         assert usage[0]["/tmp"][1] == usage[1]["/tmp"][1] == 8 << 20 and usage[2:] == [{}, {}], usage
     finally:
         for fd in (a, b, h):
