@@ -414,7 +414,9 @@ def test_a_users_mount_table_holds_other_requests_for_the_probe_budget_at_most(d
         waited = time.monotonic() - t0
         t.join(120)
         assert out["r"]["ok"] and p.pid in out["r"]["killed"], out
-        assert waited < proc.PROBE_SECONDS + 0.8, f"another job's create waited {waited:.1f} s"
+        # Parsing this table in the main thread held it 4 s here; the rest
+        # of a teardown is milliseconds, and a busy machine gets its margin.
+        assert waited < proc.PROBE_SECONDS + 1.5, f"another job's create waited {waited:.1f} s"
     finally:
         if p.poll() is None:
             p.kill()
