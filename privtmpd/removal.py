@@ -135,6 +135,7 @@ class RemovalQueue:
     def resume_sweeps(self) -> None:
         """At start-up: queue the sweeps the last daemon recorded and did
         not finish."""
+        shared = leftovers.shared_points(self.cfg)
         for job, restart, sweep in runstate.pending_sweeps(self.cfg):
             if job is None:
                 log.warning(event("leftovers", "bad-record", None, file=f"{self.cfg.rundir}/sweeps/{restart}",
@@ -146,7 +147,6 @@ class RemovalQueue:
             # shared mount points configured now (one dropped from mount=
             # since may be anything by now), and removal only while
             # host_leftovers=remove.
-            shared = leftovers.shared_points(self.cfg)
             dropped = [p for p in sweep["points"] if p not in shared]
             sweep = dict(sweep, points=[p for p in sweep["points"] if p in shared],
                          remove=sweep["remove"] and self.cfg.host_leftovers == leftovers.REMOVE)

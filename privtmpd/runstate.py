@@ -104,18 +104,18 @@ def _write_json(path, obj):
 
 
 def remove_stale_temp_states(cfg):
-    """Remove the temporary files of state writes a crash interrupted
-    (<job>.json.tmp): no job ever reads them, and nothing else would.
-    Returns their names."""
-    jobs = f"{cfg.rundir}/jobs"
+    """Remove the temporary files of state and sweep-record writes a crash
+    interrupted (jobs/<job>.json.tmp, sweeps/<job>.<restart>.json.tmp):
+    nothing ever reads them.  Returns their paths under the run directory."""
     gone = []
-    for name in os.listdir(jobs):
-        if name.endswith(".json.tmp"):
-            try:
-                os.unlink(f"{jobs}/{name}")
-                gone.append(name)
-            except FileNotFoundError:
-                pass
+    for sub in ("jobs", "sweeps"):
+        for name in os.listdir(f"{cfg.rundir}/{sub}"):
+            if name.endswith(".json.tmp"):
+                try:
+                    os.unlink(f"{cfg.rundir}/{sub}/{name}")
+                    gone.append(f"{sub}/{name}")
+                except FileNotFoundError:
+                    pass
     return gone
 
 
@@ -151,8 +151,9 @@ def all_states(cfg):
 # --- pending sweeps ------------------------------------------------------
 # A sweep (leftovers.py) is queued at the Epilog's request and run by a
 # worker after the reply; its record on disk lets the next daemon run it
-# when this one stops first.  The window (since, until) is fixed when it is queued, so a
-# late sweep takes nothing the user created after their jobs ended.
+# when this one stops first.  The window (since, until) is fixed when it
+# is queued, so a late sweep takes nothing the user created after their
+# jobs ended.
 
 def _sweep_path(cfg, job, restart):
     return f"{cfg.rundir}/sweeps/{job}.{restart}.json"
@@ -177,11 +178,7 @@ def pending_sweeps(cfg):
     out: List[tuple] = []
     for name in os.listdir(sweeps):
         path = f"{sweeps}/{name}"
-        if name.endswith(".json.tmp"):      # a write a crash interrupted
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if name.endswith(".json.tmp"):      # remove_stale_temp_states' (reconcile runs first)
             continue
         try:
             job_s, restart_s, ext = name.split(".")

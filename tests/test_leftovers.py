@@ -366,6 +366,8 @@ def test_a_sweep_the_last_daemon_did_not_finish_is_done_by_the_next(daemon_facto
     runstate.write_sweep(d.cfg, 440, 2, dict(_sweep_record([shared], since, until), job=440, user="alice"))
     with open(f"{d.rundir}/sweeps/441.0.json", "w") as f:
         f.write('{"job": 441, "points": "/etc", "uid": 0}')       # not a sweep record
+    with open(f"{d.rundir}/sweeps/442.0.json.tmp", "w") as f:
+        f.write('{"job": 442')                                      # a write a crash cut short
     d.start()
     line = _line(d, 440)
     assert "result=removed" in line and "user=alice" in line and "removed=1" in line, line
@@ -373,6 +375,7 @@ def test_a_sweep_the_last_daemon_did_not_finish_is_done_by_the_next(daemon_facto
     assert os.listdir(shared) == ["later"]
     assert os.listdir(f"{d.rundir}/sweeps") == []
     assert "op=leftovers result=bad-record" in d.log() and "441.0.json" in d.log()
+    assert "op=recover result=stale-state-removed" in d.log() and "sweeps/442.0.json.tmp" in d.log()
 
 
 @root
